@@ -1,0 +1,132 @@
+"""Commands on adapter files: blend, compress, info, convert."""
+
+from __future__ import annotations
+
+import click
+
+from ..adapter import blend as blend_adapters
+from ..formats import FORMATS, load
+from ..summary import summarize
+from . import main
+from ._common import (
+    allow_nonfinite_option,
+    default_device,
+    device_option,
+    emit,
+    force_option,
+    json_option,
+    output_option,
+    parse_floats,
+    rank_rule,
+    rank_rule_options,
+    refuse_existing,
+)
+
+format_option = click.option(
+    "--format", "fmt", type=click.Choice(list(FORMATS)), default=None,
+    help="Output format (default: native for a path with a suffix, peft for a directory).",
+)
+
+
+def _result(adapter, output, fmt) -> dict:
+    return {"output": output, "format": fmt, "num_layers": len(adapter), "rank": adapter.rank, "num_params": adapter.num_params}
+
+
+def _render_result(data: dict) -> str:
+    return f"wrote {data['output']}: {data['num_layers']} layers, rank {data['rank']}, {data['num_params']:,} params"
+
+
+@main.command()
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.option("--weights", "-w", help="Comma-separated weights, one per adapter (default: equal weights summing to 1).")
+@rank_rule_options(required=False)
+@output_option("Where to write the blend (.st file, or a directory for peft).")
+@format_option
+@device_option
+@force_option
+@allow_nonfinite_option
+@json_option
+def blend(adapters, weights, rank, energy, budget, output, fmt, device, force, allow_nonfinite, as_json):
+    """Weighted sum of ADAPTERS, exact, optionally re-compressed (--rank/--energy/--budget)."""
+    rule = rank_rule(rank, energy, budget, required=False)
+    w = parse_floats(weights, "--weights") if weights else [1.0 / len(adapters)] * len(adapters)
+    if len(w) != len(adapters):
+        raise click.UsageError(f"{len(adapters)} adapters but {len(w)} weights")
+    refuse_existing(output, force)
+    values = [load(p, allow_nonfinite=allow_nonfinite) for p in adapters]
+    result = blend_adapters(values, w)
+    if rule:
+        result = result.compress(**rule, device=default_device(device)).to(device="cpu")
+    result.save(output, format=fmt, force=force)
+    emit(_result(result, output, fmt or result.metadata.get("format")), as_json, _render_result)
+
+
+@main.command()
+@click.argument("adapter", type=click.Path())
+@rank_rule_options(required=True)
+@output_option()
+@format_option
+@device_option
+@force_option
+@allow_nonfinite_option
+@json_option
+def compress(adapter, rank, energy, budget, output, fmt, device, force, allow_nonfinite, as_json):
+    """Optimal low-rank re-compression of ADAPTER (Eckart-Young, computed from the factors)."""
+    rule = rank_rule(rank, energy, budget, required=True)
+    refuse_existing(output, force)
+    source = load(adapter, allow_nonfinite=allow_nonfinite)
+    result = source.compress(**rule, device=default_device(device)).to(device="cpu")
+    result.save(output, format=fmt, force=force)
+    before = source.norm()
+    error = (source - result).norm()
+    data = {
+        **_result(result, output, fmt),
+        "params_before": source.num_params,
+        "rank_before": source.rank,
+        "relative_error": error / before if before else 0.0,
+        "ranks": result.ranks,
+    }
+    emit(data, as_json, lambda d: _render_result(d) + f" (was rank {d['rank_before']}, {d['params_before']:,} params; relative error {d['relative_error']:.3g})")
+
+
+@main.command()
+@click.argument("adapter", type=click.Path())
+@allow_nonfinite_option
+@json_option
+def info(adapter, allow_nonfinite, as_json):
+    """Format, ranks, alphas, parameter count, file size and per-layer delta norms of ADAPTER."""
+    emit(summarize(adapter, allow_nonfinite=allow_nonfinite), as_json, _render_info)
+
+
+def _render_info(d: dict) -> str:
+    lines = [
+        f"{d['path']}  ({d['format']}{', DoRA' if d['dora'] else ''})",
+        f"base model: {d['base_model'] or 'unknown'}",
+        f"layers: {d['num_layers']}   max rank: {d['rank']}   params: {d['num_params']:,}   "
+        f"file size: {d['file_size']:,} bytes   dtype: {', '.join(d['dtypes'])}",
+    ]
+    if d["norm"] is not None:
+        lines.append(f"delta norm (Frobenius, all layers): {d['norm']:.6g}")
+    width = max((len(r["name"]) for r in d["layers"]), default=5)
+    lines.append("")
+    lines.append(f"{'layer':<{width}}  {'shape':>12}  {'rank':>4}  {'alpha':>8}  {'scale':>8}  {'norm':>10}")
+    for r in d["layers"]:
+        shape = "x".join(map(str, r["shape"]))
+        norm = "-" if r["norm"] is None else f"{r['norm']:.4g}"
+        lines.append(f"{r['name']:<{width}}  {shape:>12}  {r['rank']:>4}  {r['alpha']:>8.4g}  {r['scale']:>8.4g}  {norm:>10}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("adapter", type=click.Path())
+@click.option("--to", "fmt", type=click.Choice(list(FORMATS)), required=True, help="Target format.")
+@output_option()
+@force_option
+@allow_nonfinite_option
+@json_option
+def convert(adapter, fmt, output, force, allow_nonfinite, as_json):
+    """Rewrite ADAPTER in another format; the deltas stay exactly the same."""
+    refuse_existing(output, force)
+    source = load(adapter, allow_nonfinite=allow_nonfinite)
+    source.save(output, format=fmt, force=force)
+    emit(_result(source, output, fmt), as_json, _render_result)

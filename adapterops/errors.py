@@ -1,0 +1,42 @@
+"""Exceptions raised by adapterops.
+
+The library raises these and never prints; the CLI turns them into one ``Error: ...`` line.
+"""
+
+__all__ = [
+    "AdapterOpsError",
+    "FormatError",
+    "ShapeMismatchError",
+    "NonFiniteError",
+    "OutputExistsError",
+    "UnsupportedOperationError",
+    "BaseMismatchError",
+]
+
+
+class AdapterOpsError(ValueError):
+    """Base class of every error adapterops raises on purpose."""
+
+
+class FormatError(AdapterOpsError):
+    """A file is missing, corrupt, of an unknown format, or not what it claims to be."""
+
+
+class ShapeMismatchError(AdapterOpsError):
+    """Two things that must agree in shape do not (adapter vs adapter, adapter vs base)."""
+
+
+class NonFiniteError(AdapterOpsError):
+    """NaN or Inf where finite numbers are required."""
+
+
+class OutputExistsError(AdapterOpsError):
+    """The output path exists and overwriting was not asked for."""
+
+
+class UnsupportedOperationError(AdapterOpsError):
+    """The operation is not defined for this value (e.g. linear algebra on a DoRA adapter)."""
+
+
+class BaseMismatchError(AdapterOpsError):
+    """An adapter does not fit the base checkpoint it is applied to."""

@@ -1,0 +1,61 @@
+"""Adapter file formats: a registry keyed by name; ``load`` sniffs, ``save`` takes ``format=``.
+
+Each format module provides ``sniff(path) -> bool``, ``read(path) -> Adapter`` and
+``write(adapter, path)`` (``path`` is a fresh temporary location; atomicity is handled here).
+Only safetensors and JSON are ever parsed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import ModuleType
+
+from .._files import atomic_output, refuse_pickle
+from ..adapter import Adapter
+from ..errors import FormatError, NonFiniteError
+from . import kohya, native, peft
+
+__all__ = ["FORMATS", "load", "save", "detect_format"]
+
+# Order matters for sniffing: the most specific first.
+FORMATS: dict[str, ModuleType] = {"peft": peft, "native": native, "kohya": kohya}
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Name of the format of the adapter at ``path``; FormatError when none fits."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path}: no such file or directory")
+    refuse_pickle(path)
+    for name, module in FORMATS.items():
+        if module.sniff(path):
+            return name
+    raise FormatError(
+        f"{path}: not a recognised adapter (expected a PEFT directory with adapter_config.json, "
+        "an adapterops .st/.safetensors file, or a kohya safetensors file)"
+    )
+
+
+def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
+    """Read an adapter in any supported format. NaN/Inf factors raise unless ``allow_nonfinite``."""
+    fmt = detect_format(path)
+    adapter = FORMATS[fmt].read(Path(path))
+    if not allow_nonfinite:
+        bad = adapter.nonfinite_layers()
+        if bad:
+            raise NonFiniteError(
+                f"{path}: NaN or Inf in {len(bad)} layer(s), e.g. {bad[0]}; "
+                "pass allow_nonfinite=True (--allow-nonfinite) to load it anyway"
+            )
+    return adapter.with_metadata(format=fmt, source=str(path))
+
+
+def save(adapter: Adapter, path: str | os.PathLike, *, format: str | None = None, force: bool = False) -> None:
+    """Write ``adapter`` atomically; ``format`` defaults to ``native`` for a path with a suffix, else ``peft``."""
+    path = Path(path)
+    fmt = format or ("native" if path.suffix else "peft")
+    if fmt not in FORMATS:
+        raise FormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    with atomic_output(path, force=force) as tmp:
+        FORMATS[fmt].write(adapter, tmp)

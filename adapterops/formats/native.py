@@ -1,0 +1,55 @@
+"""adapterops' single-file format: one safetensors file with PEFT tensor keys, and in its header
+the PEFT config (``adapter_config``) and the adapter's metadata (``adapterops_metadata``), so one
+``.st`` file is a whole adapter that PEFT-aware tools can also read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from .. import __name__ as _package
+from .._files import read_safetensors, safetensors_header
+from ..adapter import Adapter
+from ..errors import FormatError
+from . import peft
+
+SUFFIXES = (".st", ".safetensors")
+CONFIG_KEY = "adapter_config"
+METADATA_KEY = "adapterops_metadata"
+
+
+def sniff(path: Path) -> bool:
+    if not (path.is_file() and path.suffix.lower() in SUFFIXES):
+        return False
+    _, metadata = safetensors_header(path)
+    return CONFIG_KEY in metadata
+
+
+def read(path: Path) -> Adapter:
+    tensors, header = read_safetensors(path)
+    try:
+        config = json.loads(header[CONFIG_KEY])
+        extra = json.loads(header.get(METADATA_KEY, "{}"))
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: corrupt adapter metadata in the safetensors header ({exc})") from None
+    adapter = peft.from_state_dict(tensors, config, source=str(path))
+    return adapter.with_metadata(**{k: v for k, v in extra.items() if k not in ("format", "source")})
+
+
+def write(adapter: Adapter, path: Path) -> None:
+    tensors, config = peft.to_state_dict(adapter)
+    extra = {k: v for k, v in adapter.metadata.items() if k not in ("format", "source") and _jsonable(v)}
+    header = {"format": "pt", CONFIG_KEY: json.dumps(config, sort_keys=True), METADATA_KEY: json.dumps(extra, sort_keys=True)}
+    header["creator"] = _package
+    save_file(tensors, str(path), metadata=header)
+
+
+def _jsonable(value: object) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
