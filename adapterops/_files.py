@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save as _safetensors_bytes
 
 from .errors import FormatError, OutputExistsError
 
@@ -32,11 +34,14 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False) -> Iterator[P
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp
-        if path.is_dir() and not path.is_symlink():
+        if (path.is_dir() and not path.is_symlink()) or (tmp.is_dir() and path.exists()):
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
         else:
             os.replace(tmp, path)
     finally:
@@ -88,3 +93,18 @@ def read_json(path: str | os.PathLike) -> Any:
         raise FormatError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FormatError(f"{path}: not valid JSON ({exc})") from None
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with a reproducible header: same tensors, same bytes.
+
+    safetensors writes the header's metadata in hash order, which changes from run to run; here
+    the header JSON is re-written with sorted keys and padded to its original length.
+    """
+    data = _safetensors_bytes(tensors, metadata=metadata)
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    ordered = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(ordered) <= size:
+        data = data[:8] + ordered + b" " * (size - len(ordered)) + data[8 + size :]
+    Path(path).write_bytes(data)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import linalg
-from .errors import AdapterOpsError, ShapeMismatchError, UnsupportedOperationError
+from .errors import AdapterOpsError, NonFiniteError, ShapeMismatchError, UnsupportedOperationError
 
 __all__ = ["LoraLayer", "Adapter", "lora_scale", "blend", "interpolate", "cosine"]
 
@@ -162,11 +162,11 @@ class Adapter(Mapping[str, LoraLayer]):
         return Adapter(self._layers, {**self.metadata, **updates})
 
     def nonfinite_layers(self) -> list[str]:
-        """Names of layers whose factors hold NaN or Inf."""
+        """Names of layers whose factors (or alpha) hold NaN or Inf."""
         bad = []
         for name, layer in self.items():
             tensors = [layer.A, layer.B] + ([layer.magnitude] if layer.is_dora else [])
-            if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            if not math.isfinite(layer.alpha) or not all(bool(torch.isfinite(t).all()) for t in tensors):
                 bad.append(name)
         return bad
 
@@ -213,6 +213,7 @@ class Adapter(Mapping[str, LoraLayer]):
 
     def norm(self, *, per_layer: bool = False) -> float | dict[str, float]:
         """Frobenius norm of the whole delta (or of each layer's)."""
+        _refuse_dora("norm", self)
         squares = self.dot(self, per_layer=True)
         if per_layer:
             return {n: math.sqrt(max(v, 0.0)) for n, v in squares.items()}
@@ -220,14 +221,21 @@ class Adapter(Mapping[str, LoraLayer]):
 
     def svd(self, *, device: torch.device | str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Thin SVD ``(U, S, Vh)`` of every layer's delta, from the factors, batched by shape."""
+        return {n: f[:3] for n, f in self._factored_svd(device).items()}
+
+    def _factored_svd(self, device: torch.device | str | None) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+        """``(U, S, Vh, noise floor)`` per layer; layers of equal shape, rank and dtype run as one batch."""
         _refuse_dora("svd", self)
         result = {}
         for names in _groups_by_shape(self).values():
             cdt = linalg.compute_dtype(*(t for n in names for t in (self[n].A, self[n].B)))
             folded = [self[n].to(device=device).folded(dtype=cdt) for n in names]
-            U, S, Vh = linalg.factored_svd(torch.stack([f[0] for f in folded]), torch.stack([f[1] for f in folded]))
+            B = torch.stack([f[0] for f in folded])  # (n, out, r)
+            A = torch.stack([f[1] for f in folded])  # (n, r, in)
+            U, S, Vh = linalg.factored_svd(B, A)
+            floors = linalg.noise_floor(B, A).tolist()
             for i, name in enumerate(names):
-                result[name] = (U[i], S[i], Vh[i])
+                result[name] = (U[i], S[i], Vh[i], floors[i])
         return {n: result[n] for n in self}
 
     def compress(
@@ -243,19 +251,30 @@ class Adapter(Mapping[str, LoraLayer]):
         - ``energy``: keep this fraction of each layer's squared singular values;
         - ``budget``: total parameter count, shared by one global singular-value threshold.
 
-        Computed from QR of the factors and an SVD of the r x r core (see ``linalg.factored_svd``).
-        Layers that end with rank 0 are dropped. Results are on ``device`` when given.
+        With ``B @ A = U S Vh`` (from QR of the factors and an SVD of the r x r core, see
+        ``linalg.factored_svd``), keeping the top ``k`` values gives ``B' = U_k S_k^1/2``,
+        ``A' = S_k^1/2 Vh_k``, alpha = k: by Eckart-Young (1936) no rank-k matrix is closer to the
+        delta. Singular values at round-off level count as zero, so ``(a - a).compress(...)`` is
+        empty. Layers that end with rank 0 are dropped. Results are on ``device`` when given.
         """
         given = {k: v for k, v in {"rank": rank, "energy": energy, "budget": budget}.items() if v is not None}
         if len(given) != 1:
             raise AdapterOpsError("compress needs exactly one of rank=, energy= or budget=")
         (rule, value), = given.items()
-        factors = self.svd(device=device)
+        _refuse_dora("compress", self)
+        bad = self.nonfinite_layers()
+        if bad:
+            raise NonFiniteError(f"cannot compress layers holding NaN or Inf ({len(bad)}, e.g. {bad[0]}): their SVD is undefined")
+        factors = self._factored_svd(device)
         ranks = linalg.select_ranks(
-            {n: f[1] for n, f in factors.items()}, {n: layer.shape for n, layer in self.items()}, rule=rule, value=value
+            {n: f[1] for n, f in factors.items()},
+            {n: layer.shape for n, layer in self.items()},
+            rule=rule,
+            value=value,
+            floors={n: f[3] for n, f in factors.items()},
         )
         layers = {}
-        for name, (U, S, Vh) in factors.items():
+        for name, (U, S, Vh, _) in factors.items():
             k = ranks[name]
             if k == 0:
                 continue
@@ -274,6 +293,18 @@ class Adapter(Mapping[str, LoraLayer]):
         from .formats import save
 
         save(self, path, format=format, force=force)
+
+    def merge_into(self, module: Any, weight: float = 1.0) -> list[str]:
+        """Add ``weight * delta`` to the matching weights of a live ``nn.Module`` in place (see ``merge.merge_into``)."""
+        from .merge import merge_into
+
+        return merge_into(self, module, weight=weight)
+
+    def applied(self, module: Any, weight: float = 1.0) -> Any:
+        """Context manager: merged into ``module`` inside, exact original weights restored on exit."""
+        from .merge import applied
+
+        return applied(self, module, weight=weight)
 
 
 def blend(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:

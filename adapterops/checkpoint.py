@@ -2,25 +2,45 @@
 ``model.safetensors.index.json``), a single safetensors file, or a Hugging Face Hub repo id
 resolved through ``huggingface_hub`` (its local cache first, so offline use works).
 
+The safetensors layout is simple enough to stream by hand: an 8-byte little-endian header length
+``N``, ``N`` bytes of JSON (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, ...}`` plus an
+optional ``"__metadata__"`` of strings), then the raw tensor bytes; offsets are relative to the end
+of the header and must tile the data region. ``Checkpoint`` reads headers and byte ranges directly
+(no mmap, no decode of untouched tensors); ``ShardWriter`` writes a file tensor by tensor, reserving
+header space up front and filling it in at the end.
+
 Also owns the mapping from adapter layer names to base tensor names (``match_layers``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ._files import read_json, refuse_pickle
 from .errors import BaseMismatchError, FormatError
 
-__all__ = ["Checkpoint", "Target", "match_layers", "resolve_base", "NF4_STATE_SUFFIX"]
+__all__ = [
+    "Checkpoint",
+    "ShardWriter",
+    "Target",
+    "match_layers",
+    "resolve_base",
+    "INDEX_NAME",
+    "SINGLE_NAME",
+    "NF4_STATE_SUFFIX",
+    "ST_DTYPES",
+    "st_dtype_name",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -29,6 +49,21 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 # Models whose linear weights are stored (in, out) (GPT-2 style Conv1D).
 CONV1D_MODEL_TYPES = {"gpt2", "gpt_bigcode", "openai-gpt", "decision_transformer"}
+_MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
+
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+def st_dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors dtype string (``BF16``, ``F32``, ...) of a torch dtype."""
+    if dtype not in _NAMES:
+        raise FormatError(f"dtype {dtype} cannot be stored in safetensors by adapterops")
+    return _NAMES[dtype]
 
 
 def resolve_base(base: str | os.PathLike) -> Path:
@@ -54,12 +89,57 @@ def resolve_base(base: str | os.PathLike) -> Path:
         raise FormatError(f"{base}: not a local path, and the Hub could not provide it ({type(exc).__name__}: {exc})") from None
 
 
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its file, safetensors dtype string, shape and absolute byte range."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute, from the start of the file
+    nbytes: int
+
+
+def read_header(file: Path) -> tuple[int, dict[str, TensorEntry], dict[str, str]]:
+    """``(data start, entries in data order, __metadata__)`` of one safetensors file."""
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (size,) = struct.unpack("<Q", raw)
+            if size > _MAX_HEADER:
+                raise ValueError(f"header length {size} is implausible")
+            header = json.loads(f.read(size))
+        file_size = file.stat().st_size
+    except OSError as exc:
+        raise FormatError(f"{file}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{file}: not a readable safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{file}: not a readable safetensors file (header is not an object)")
+    metadata = header.pop("__metadata__", None) or {}
+    start = 8 + size
+    entries = {}
+    try:
+        for name, info in header.items():
+            begin, end = (int(x) for x in info["data_offsets"])
+            entries[name] = TensorEntry(file, str(info["dtype"]), tuple(int(s) for s in info["shape"]), start + begin, end - begin)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{file}: not a readable safetensors file (bad header entry: {exc})") from None
+    if any(e.offset + e.nbytes > file_size or e.nbytes < 0 for e in entries.values()):
+        raise FormatError(f"{file}: truncated (a tensor ends past the end of the file)")
+    ordered = dict(sorted(entries.items(), key=lambda kv: kv[1].offset))
+    return start, ordered, {str(k): str(v) for k, v in metadata.items()}
+
+
 class Checkpoint:
     """Read-only view of a safetensors checkpoint: tensor names, shapes, dtypes, shards, side files."""
 
     def __init__(self, base: str | os.PathLike) -> None:
         path = resolve_base(base)
         self.source = str(base)
+        self.path = path
         if path.is_file():
             self.root = path.parent
             self.files = [path]
@@ -83,54 +163,80 @@ class Checkpoint:
                 hint = f" (found {pickled[0]}: pickle-based checkpoints are never loaded; convert to safetensors)" if pickled else ""
                 raise FormatError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
             self.root, self.files, self.index = path, found, None
-        self._file_of: dict[str, Path] = {}
-        self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._entries: dict[str, TensorEntry] = {}
         self._metadata: dict[Path, dict[str, str]] = {}
+        self._data_start: dict[Path, int] = {}
         for file in self.files:
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    self._metadata[file] = dict(f.metadata() or {})
-                    for name in f.keys():
-                        sl = f.get_slice(name)
-                        self._file_of[name] = file
-                        self._info[name] = (tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype(), torch.uint8))
-            except Exception as exc:
-                raise FormatError(f"{file}: not a readable safetensors file ({exc})") from None
+            start, entries, metadata = read_header(file)
+            self._data_start[file], self._metadata[file] = start, metadata
+            self._entries.update(entries)
 
     def __repr__(self) -> str:
-        return f"Checkpoint({self.source!r}, {len(self._info)} tensors in {len(self.files)} file(s))"
+        return f"Checkpoint({self.source!r}, {len(self._entries)} tensors in {len(self.files)} file(s))"
 
     def names(self) -> list[str]:
-        return list(self._info)
+        return list(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._info
+        return name in self._entries
+
+    def entry(self, name: str) -> TensorEntry:
+        return self._entries[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._info[name][0]
+        return self._entries[name].shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._info[name][1]
+        """The torch dtype (``uint8`` for dtypes torch cannot hold; see ``entry(name).dtype``)."""
+        return ST_DTYPES.get(self._entries[name].dtype, torch.uint8)
+
+    def nbytes(self, name: str) -> int:
+        return self._entries[name].nbytes
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of tensor data in all shards."""
+        return sum(e.nbytes for e in self._entries.values())
 
     def file_of(self, name: str) -> Path:
-        return self._file_of[name]
+        return self._entries[name].file
 
     def names_in(self, file: Path) -> list[str]:
-        return [n for n, f in self._file_of.items() if f == file]
+        """Tensor names stored in ``file``, in the order of their bytes."""
+        return [n for n, e in self._entries.items() if e.file == file]
 
     def metadata(self, file: Path) -> dict[str, str]:
         return self._metadata[file]
 
+    def header_size(self, file: Path) -> int:
+        """Bytes of the JSON header of ``file``."""
+        return self._data_start[file] - 8
+
+    def read(self, name: str, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name`` on the CPU, read straight from its byte range.
+
+        ``out``: a uint8 buffer of at least ``nbytes(name)`` bytes (pinned memory, say) to read into.
+        """
+        e = self._entries[name]
+        if e.dtype not in ST_DTYPES:
+            raise FormatError(f"{e.file}: tensor {name} has dtype {e.dtype}, which torch cannot hold")
+        buf = torch.empty(e.nbytes, dtype=torch.uint8) if out is None else out[: e.nbytes]
+        fd = os.open(e.file, os.O_RDONLY)
+        try:
+            read_exact(fd, buf, e.offset)
+        finally:
+            os.close(fd)
+        return buf.view(ST_DTYPES[e.dtype]).reshape(e.shape)
+
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self._file_of[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        return self.read(name)
 
     def config(self) -> dict[str, Any] | None:
         path = self.root / "config.json"
         return read_json(path) if path.is_file() else None
 
     def is_nf4(self) -> bool:
-        return any(n.endswith(NF4_STATE_SUFFIX) for n in self._info)
+        return any(n.endswith(NF4_STATE_SUFFIX) for n in self._entries)
 
     def side_files(self) -> list[Path]:
         """Files other than the weights (config, tokenizer, ...) that belong with the model."""
@@ -145,11 +251,132 @@ class Checkpoint:
         return config.get("model_type") in CONV1D_MODEL_TYPES
 
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+def read_exact(fd: int, buf: torch.Tensor, offset: int) -> None:
+    """Fill the uint8 CPU tensor ``buf`` with the bytes of file ``fd`` starting at ``offset``."""
+    if not buf.numel():
+        return
+    view = memoryview(buf.numpy())
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [view[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, len(view) - done, offset + done)
+            view[done : done + len(data)] = data
+            n = len(data)
+        if not n:
+            raise FormatError(f"file truncated while reading {len(view)} bytes at offset {offset}")
+        done += n
+
+
+class ShardWriter:
+    """Writes one safetensors file tensor by tensor, in any order, with O(1) memory.
+
+    The header is written last into ``reserve`` bytes kept free after the length prefix (padded
+    with spaces, as safetensors pads); if it outgrows them, the file is rebuilt once with a larger
+    header. ``add`` takes a CPU tensor; ``copy`` moves a byte range of another file without decoding.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None, reserve: int = 64 * 1024) -> None:
+        self.path = Path(path)
+        self.metadata = dict(metadata or {})
+        self.reserve = _round8(max(reserve, 64))
+        self._header: dict[str, dict[str, Any]] = {}
+        self._pos = 0  # bytes of tensor data written so far
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _write_all(self._fd, memoryview(b"\0" * (8 + self.reserve)), 0)
+
+    @property
+    def bytes_written(self) -> int:
+        return self._pos
+
+    def _record(self, name: str, dtype: str, shape: Iterable[int], nbytes: int) -> None:
+        if name in self._header:
+            raise FormatError(f"{self.path}: tensor {name} written twice")
+        self._header[name] = {"dtype": dtype, "shape": [int(s) for s in shape], "data_offsets": [self._pos, self._pos + nbytes]}
+        self._pos += nbytes
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` (on the CPU) under ``name``."""
+        t = tensor.detach().contiguous()
+        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        _write_all(self._fd, memoryview(raw.numpy()), 8 + self.reserve + self._pos)
+        self._record(name, st_dtype_name(t.dtype), t.shape, raw.numel())
+
+    def copy(self, name: str, entry: TensorEntry) -> None:
+        """Append the bytes of ``entry`` (a tensor of another file) under ``name``, unchanged."""
+        src = os.open(entry.file, os.O_RDONLY)
+        try:
+            _copy_range(src, self._fd, entry.offset, 8 + self.reserve + self._pos, entry.nbytes)
+        finally:
+            os.close(src)
+        self._record(name, entry.dtype, entry.shape, entry.nbytes)
+
+    def close(self) -> None:
+        """Write the header; the file is complete after this."""
+        header: dict[str, Any] = {}
+        if self.metadata:
+            header["__metadata__"] = self.metadata
+        header.update(self._header)
+        text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        if len(text) <= self.reserve:
+            _write_all(self._fd, memoryview(struct.pack("<Q", self.reserve) + text + b" " * (self.reserve - len(text))), 0)
+            os.close(self._fd)
+            return
+        os.close(self._fd)  # rare: rebuild once with room for the header
+        size = _round8(len(text))
+        tmp = self.path.with_name(self.path.name + ".grow")
+        src, dst = os.open(self.path, os.O_RDONLY), os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(dst, memoryview(struct.pack("<Q", size) + text + b" " * (size - len(text))), 0)
+            _copy_range(src, dst, 8 + self.reserve, 8 + size, self._pos)
+        finally:
+            os.close(src)
+            os.close(dst)
+        os.replace(tmp, self.path)
+
+    def abort(self) -> None:
+        """Close without finishing (the caller discards the file)."""
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+def _round8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def _write_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, nbytes: int) -> None:
+    """Copy ``nbytes`` between two file descriptors at the given offsets (in the kernel when possible)."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src, dst, nbytes - done, src_offset + done, dst_offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            pass  # unsupported here: fall back to a user-space copy below
+    chunk = 16 * 1024 * 1024
+    while done < nbytes:
+        data = os.pread(src, min(chunk, nbytes - done), src_offset + done)
+        if not data:
+            raise FormatError("a source file was truncated while copying")
+        _write_all(dst, memoryview(data), dst_offset + done)
+        done += len(data)
+
+
+def copy_side_file(src: Path, dst_dir: Path) -> None:
+    """Copy one config/tokenizer file (following Hub-cache symlinks to their blobs)."""
+    shutil.copyfile(src, dst_dir / src.name)
 
 
 @dataclass(frozen=True)
@@ -162,32 +389,36 @@ class Target:
 
 def match_layers(
     layers: Mapping[str, tuple[int, int]],
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint | Mapping[str, tuple[int, ...]],
     *,
     fan_in_fan_out: bool = False,
     weight_shape: Any = None,
 ) -> dict[str, Target]:
     """Map adapter layer names (with their delta shapes (out, in)) to base weight tensors.
 
-    ``X`` matches ``X.weight``; failing that, a unique name that differs only by a leading prefix
-    (``model.`` on one side only, say), or a unique base name that flattens (dots to underscores)
-    to a kohya layer name. Shapes must fit, directly or transposed for Conv1D-style (in, out)
-    weights. ``weight_shape(name)`` overrides the stored shape (NF4 bases store packed bytes).
-    Every problem is collected and raised at once as BaseMismatchError, before any work is done.
+    ``checkpoint`` is a Checkpoint or a plain ``{tensor name: shape}`` mapping (a live module's
+    weights, say). ``X`` matches ``X.weight``; failing that, a unique name that differs only by a
+    leading prefix (``model.`` on one side only, say), or a unique base name that flattens (dots to
+    underscores) to a kohya layer name. Shapes must fit, directly or transposed for Conv1D-style
+    (in, out) weights. ``weight_shape(name)`` overrides the stored shape (NF4 bases store packed
+    bytes). Every problem is collected and raised at once as BaseMismatchError, before any work.
     """
-    weights = [n for n in checkpoint.names() if n.endswith(".weight")]
+    if isinstance(checkpoint, Checkpoint):
+        names, shape_of, conv1d = checkpoint.names(), checkpoint.shape, fan_in_fan_out or checkpoint.is_conv1d()
+    else:
+        names, shape_of, conv1d = list(checkpoint), lambda n: tuple(checkpoint[n]), fan_in_fan_out
+    weights = [n for n in names if n.endswith(".weight")]
     weight_set = set(weights)
-    flat = {}
+    flat: dict[str, list[str]] = {}
     for n in weights:
         flat.setdefault(n[: -len(".weight")].replace(".", "_"), []).append(n)
-    conv1d = fan_in_fan_out or checkpoint.is_conv1d()
     targets, missing, misfits = {}, [], []
     for name, (out, inp) in layers.items():
         tensor = _find(name, weight_set, weights, flat)
         if tensor is None:
             missing.append(name)
             continue
-        shape = tuple(weight_shape(tensor)) if weight_shape else checkpoint.shape(tensor)
+        shape = tuple(weight_shape(tensor)) if weight_shape else tuple(shape_of(tensor))
         if shape == (inp, out) and (conv1d or shape != (out, inp)):
             targets[name] = Target(tensor, transposed=True)
         elif shape == (out, inp):

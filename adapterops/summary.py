@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,15 @@ from .formats import load
 
 
 def summarize(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> dict[str, Any]:
-    """Format, size, ranks, scales, parameter count and per-layer delta norms of the adapter at ``path``."""
+    """Format, size, ranks, scales, parameter count and per-layer delta norms of the adapter at ``path``.
+
+    Norms are None for DoRA adapters and for layers holding NaN/Inf (listed in ``nonfinite_layers``),
+    so that the result is always valid JSON.
+    """
     path = Path(path)
     adapter = load(path, allow_nonfinite=allow_nonfinite)
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
-    norms = {} if adapter.is_dora else adapter.norm(per_layer=True)
+    norms = {} if adapter.is_dora else {n: _finite(v) for n, v in adapter.norm(per_layer=True).items()}
     dtypes = sorted({str(layer.A.dtype).removeprefix("torch.") for layer in adapter.values()})
     return {
         "path": str(path),
@@ -26,7 +31,8 @@ def summarize(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> dict
         "num_params": adapter.num_params,
         "file_size": sum(p.stat().st_size for p in files),
         "dtypes": dtypes,
-        "norm": None if adapter.is_dora else adapter.norm(),
+        "norm": None if adapter.is_dora else _finite(adapter.norm()),
+        "nonfinite_layers": adapter.nonfinite_layers(),
         "layers": [
             {
                 "name": name,
@@ -39,3 +45,7 @@ def summarize(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> dict
             for name, layer in adapter.items()
         ],
     }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None

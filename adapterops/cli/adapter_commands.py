@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import click
 
+from pathlib import Path
+
 from ..adapter import blend as blend_adapters
-from ..formats import FORMATS, load
+from ..errors import AdapterOpsError
+from ..formats import FORMATS, default_format, load
 from ..summary import summarize
 from . import main
 from ._common import (
@@ -29,7 +32,21 @@ format_option = click.option(
 
 
 def _result(adapter, output, fmt) -> dict:
-    return {"output": output, "format": fmt, "num_layers": len(adapter), "rank": adapter.rank, "num_params": adapter.num_params}
+    return {
+        "output": output,
+        "format": fmt or default_format(output),
+        "num_layers": len(adapter),
+        "rank": adapter.rank,
+        "num_params": adapter.num_params,
+    }
+
+
+def _refuse_in_place(output: str, inputs: tuple[str, ...] | list[str]) -> None:
+    """Inputs are never modified, not even with --force."""
+    target = Path(output).resolve()
+    for source in inputs:
+        if Path(source).resolve() == target:
+            raise AdapterOpsError(f"{output} is also an input; write the result to another path")
 
 
 def _render_result(data: dict) -> str:
@@ -51,14 +68,15 @@ def blend(adapters, weights, rank, energy, budget, output, fmt, device, force, a
     rule = rank_rule(rank, energy, budget, required=False)
     w = parse_floats(weights, "--weights") if weights else [1.0 / len(adapters)] * len(adapters)
     if len(w) != len(adapters):
-        raise click.UsageError(f"{len(adapters)} adapters but {len(w)} weights")
+        raise AdapterOpsError(f"--weights has {len(w)} values for {len(adapters)} adapters; give one weight per adapter")
+    _refuse_in_place(output, adapters)
     refuse_existing(output, force)
     values = [load(p, allow_nonfinite=allow_nonfinite) for p in adapters]
     result = blend_adapters(values, w)
     if rule:
         result = result.compress(**rule, device=default_device(device)).to(device="cpu")
     result.save(output, format=fmt, force=force)
-    emit(_result(result, output, fmt or result.metadata.get("format")), as_json, _render_result)
+    emit(_result(result, output, fmt), as_json, _render_result)
 
 
 @main.command()
@@ -73,6 +91,7 @@ def blend(adapters, weights, rank, energy, budget, output, fmt, device, force, a
 def compress(adapter, rank, energy, budget, output, fmt, device, force, allow_nonfinite, as_json):
     """Optimal low-rank re-compression of ADAPTER (Eckart-Young, computed from the factors)."""
     rule = rank_rule(rank, energy, budget, required=True)
+    _refuse_in_place(output, [adapter])
     refuse_existing(output, force)
     source = load(adapter, allow_nonfinite=allow_nonfinite)
     result = source.compress(**rule, device=default_device(device)).to(device="cpu")
@@ -126,6 +145,7 @@ def _render_info(d: dict) -> str:
 @json_option
 def convert(adapter, fmt, output, force, allow_nonfinite, as_json):
     """Rewrite ADAPTER in another format; the deltas stay exactly the same."""
+    _refuse_in_place(output, [adapter])
     refuse_existing(output, force)
     source = load(adapter, allow_nonfinite=allow_nonfinite)
     source.save(output, format=fmt, force=force)

@@ -8,6 +8,7 @@ Only safetensors and JSON are ever parsed.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -16,7 +17,7 @@ from ..adapter import Adapter
 from ..errors import FormatError, NonFiniteError
 from . import kohya, native, peft
 
-__all__ = ["FORMATS", "load", "save", "detect_format"]
+__all__ = ["FORMATS", "load", "save", "detect_format", "default_format"]
 
 # Order matters for sniffing: the most specific first.
 FORMATS: dict[str, ModuleType] = {"peft": peft, "native": native, "kohya": kohya}
@@ -38,7 +39,10 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
-    """Read an adapter in any supported format. NaN/Inf factors raise unless ``allow_nonfinite``."""
+    """Read an adapter in any supported format. NaN/Inf factors raise unless ``allow_nonfinite``.
+
+    Layers come in natural order of their names (``layers.2`` before ``layers.10``).
+    """
     fmt = detect_format(path)
     adapter = FORMATS[fmt].read(Path(path))
     if not allow_nonfinite:
@@ -48,14 +52,32 @@ def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
                 f"{path}: NaN or Inf in {len(bad)} layer(s), e.g. {bad[0]}; "
                 "pass allow_nonfinite=True (--allow-nonfinite) to load it anyway"
             )
-    return adapter.with_metadata(format=fmt, source=str(path))
+    ordered = {name: adapter[name] for name in sorted(adapter, key=_natural_key)}
+    return Adapter(ordered, {**adapter.metadata, "format": fmt, "source": str(path)})
+
+
+def _natural_key(name: str) -> list:
+    """``layers.2`` before ``layers.10``: files store keys sorted as text, we list layers in model order."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def default_format(path: str | os.PathLike) -> str:
+    """The format ``save`` picks when none is given: ``native`` for a path with a suffix, else ``peft``."""
+    return "native" if Path(path).suffix else "peft"
 
 
 def save(adapter: Adapter, path: str | os.PathLike, *, format: str | None = None, force: bool = False) -> None:
-    """Write ``adapter`` atomically; ``format`` defaults to ``native`` for a path with a suffix, else ``peft``."""
+    """Write ``adapter`` atomically; ``format`` defaults to ``native`` for a path with a suffix, else ``peft``.
+
+    Single-file formats (native, kohya) need a ``.st`` or ``.safetensors`` name, so that ``load``
+    recognises the file again.
+    """
     path = Path(path)
-    fmt = format or ("native" if path.suffix else "peft")
+    fmt = format or default_format(path)
     if fmt not in FORMATS:
         raise FormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    suffixes = getattr(FORMATS[fmt], "SUFFIXES", None)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise FormatError(f"{path}: a {fmt} adapter is one file named *{' or *'.join(suffixes)}; pick such a name")
     with atomic_output(path, force=force) as tmp:
         FORMATS[fmt].write(adapter, tmp)

@@ -15,9 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .._files import read_safetensors, safetensors_header
+from .._files import read_safetensors, safetensors_header, write_safetensors
 from ..adapter import Adapter, LoraLayer
 from ..errors import FormatError
 
@@ -76,7 +75,7 @@ def write(adapter: Adapter, path: Path) -> None:
         modules[prefix] = name
         tensors[f"{prefix}.lora_down.weight"] = layer.A.detach().contiguous().cpu()
         tensors[f"{prefix}.lora_up.weight"] = layer.B.detach().contiguous().cpu()
-        tensors[f"{prefix}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
+        tensors[f"{prefix}.alpha"] = _alpha_tensor(layer.alpha)
     dim = Counter(adapter.ranks.values()).most_common(1)[0][0]
     alpha = Counter(layer.alpha for layer in adapter.values()).most_common(1)[0][0]
     header = {
@@ -85,4 +84,10 @@ def write(adapter: Adapter, path: Path) -> None:
         "ss_network_alpha": f"{alpha:g}",
         MODULES_KEY: json.dumps(modules, sort_keys=True),
     }
-    save_file(tensors, str(path), metadata=header)
+    write_safetensors(tensors, str(path), metadata=header)
+
+
+def _alpha_tensor(alpha: float) -> torch.Tensor:
+    """kohya tools store alpha as a float32 scalar; float64 only where float32 would round it."""
+    single = torch.tensor(alpha, dtype=torch.float32)
+    return single if float(single) == alpha else torch.tensor(alpha, dtype=torch.float64)

@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from .. import __name__ as _package
-from .._files import read_safetensors, safetensors_header
+from .._files import read_safetensors, safetensors_header, write_safetensors
 from ..adapter import Adapter
 from ..errors import FormatError
 from . import peft
@@ -44,7 +42,7 @@ def write(adapter: Adapter, path: Path) -> None:
     extra = {k: v for k, v in adapter.metadata.items() if k not in ("format", "source") and _jsonable(v)}
     header = {"format": "pt", CONFIG_KEY: json.dumps(config, sort_keys=True), METADATA_KEY: json.dumps(extra, sort_keys=True)}
     header["creator"] = _package
-    save_file(tensors, str(path), metadata=header)
+    write_safetensors(tensors, str(path), metadata=header)
 
 
 def _jsonable(value: object) -> bool:

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from .._files import read_json, read_safetensors
+from .._files import read_json, read_safetensors, write_safetensors
 from ..adapter import Adapter, LoraLayer, lora_scale
 from ..errors import FormatError
 
@@ -50,7 +49,7 @@ def read(path: Path) -> Adapter:
 def write(adapter: Adapter, path: Path) -> None:
     path.mkdir(parents=True)
     tensors, config = to_state_dict(adapter)
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_safetensors(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -70,7 +69,7 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], config: Mapping[str, An
     unknown = []
     for key, tensor in tensors.items():
         m = _KEY.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
-        if m is None:
+        if m is None or key.endswith(".bias"):
             unknown.append(key)
             continue
         parts.setdefault(m["module"], {})[m["role"]] = tensor
@@ -92,7 +91,9 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], config: Mapping[str, An
         key = pattern_key(alpha_pattern, module)
         alpha = float(alpha_pattern[key]) if key is not None else default_alpha
         rank = A.shape[0]
-        layers[module] = LoraLayer(A, B, lora_scale(alpha, rank, rslora=rslora) * rank, roles.get("lora_magnitude_vector"))
+        if rslora:  # the alpha that gives PEFT's scale under our alpha / rank convention
+            alpha = lora_scale(alpha, rank, rslora=True) * rank
+        layers[module] = LoraLayer(A, B, alpha, roles.get("lora_magnitude_vector"))
     metadata = {"base_model": config.get("base_model_name_or_path"), "task_type": config.get("task_type")}
     if config.get("fan_in_fan_out"):
         metadata["fan_in_fan_out"] = True

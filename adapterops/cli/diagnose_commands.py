@@ -1,0 +1,69 @@
+"""Commands that look inside adapters: diagnose, compare."""
+
+from __future__ import annotations
+
+import click
+
+from ..diagnostics import compare as compare_adapters
+from ..diagnostics import diagnose as diagnose_adapter
+from ..formats import load
+from ..report import format_comparison, format_diagnosis, plot_diagnosis, require_matplotlib
+from . import main
+from ._common import (
+    allow_nonfinite_option,
+    default_device,
+    device_option,
+    emit,
+    force_option,
+    json_option,
+    quiet_option,
+    refuse_existing,
+    status,
+)
+
+limit_option = click.option("--limit", type=click.IntRange(min=1), default=None, help="Show only the N worst layers in the table.")
+
+
+@main.command()
+@click.argument("adapter", type=click.Path())
+@click.option("--base", default=None, help="Base model (directory, safetensors file, Hub id, or NF4 checkpoint) for ||dW||/||W|| and intruder dimensions.")
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True, help="Top singular vectors of W + dW to test.")
+@click.option("--epsilon", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True, help="A vector whose best |cosine| with the base's singular vectors is below this is an intruder.")
+@click.option("--plot", type=click.Path(), default=None, help="Also draw the diagnosis into this PNG (needs matplotlib: pip install 'adapterops[plot]').")
+@click.option("--cache-dir", type=click.Path(), default=None, help="Where base SVDs are cached (default: $ADAPTEROPS_CACHE/svd or ~/.cache/adapterops/svd).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the base SVD cache.")
+@limit_option
+@device_option
+@force_option
+@allow_nonfinite_option
+@quiet_option
+@json_option
+def diagnose(adapter, base, top_k, epsilon, plot, cache_dir, no_cache, limit, device, force, allow_nonfinite, quiet, as_json):
+    """Spectra, effective rank and (with --base) intruder dimensions of every layer of ADAPTER."""
+    if plot:
+        refuse_existing(plot, force)
+        require_matplotlib()
+    source = load(adapter, allow_nonfinite=allow_nonfinite)
+    if base and not quiet:
+        status(f"diagnosing {len(source)} layers against {base} ...")
+    cache = False if no_cache else cache_dir
+    report = diagnose_adapter(source, base, top_k=top_k, epsilon=epsilon, device=default_device(device), cache=cache)
+    if plot:
+        plot_diagnosis(report, plot, force=force)
+        if not quiet:
+            status(f"wrote {plot}")
+    emit(report, as_json, lambda r: format_diagnosis(r, limit=limit))
+
+
+@main.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@limit_option
+@device_option
+@allow_nonfinite_option
+@json_option
+def compare(a, b, limit, device, allow_nonfinite, as_json):
+    """Cosine, subspace overlap and a verdict on interference between adapters A and B, per layer."""
+    first, second = load(a, allow_nonfinite=allow_nonfinite), load(b, allow_nonfinite=allow_nonfinite)
+    result = compare_adapters(first, second, device=default_device(device))
+    emit(result, as_json, lambda c: format_comparison(c, limit=limit))

@@ -1,0 +1,142 @@
+"""Commands on base checkpoints: merge, unmerge, extract."""
+
+from __future__ import annotations
+
+import click
+
+from ..extract import extract as extract_adapter
+from ..merge import merge as merge_checkpoint
+from ..merge import unmerge as unmerge_checkpoint
+from . import main
+from ._common import (
+    device_option,
+    emit,
+    force_option,
+    is_tty,
+    json_option,
+    output_option,
+    parse_floats,
+    quiet_option,
+    refuse_existing,
+    status,
+)
+
+dtype_option = click.option(
+    "--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+    help="Output dtype (default: the base's own; for an NF4 base, writes it dequantized).",
+)
+adapter_option = click.option(
+    "--adapter", "-a", "adapters", multiple=True, required=True, type=click.Path(),
+    help="An adapter (file or PEFT directory); repeat for several.",
+)
+base_option = click.option("--base", "-b", required=True, help="Base checkpoint: directory, safetensors file or Hub repo id.")
+TABLE_ROWS = 10
+
+
+def _weights(weights: str | None, adapters: tuple[str, ...], default: float) -> list[float]:
+    w = parse_floats(weights, "--weights") if weights else [default] * len(adapters)
+    if len(w) != len(adapters):
+        raise click.UsageError(f"{len(adapters)} adapters but {len(w)} weights")
+    return w
+
+
+def _render_report(d: dict) -> str:
+    t = d["totals"]
+    secs = t["seconds"]
+    rate = t["bytes_written"] / secs / 1e6 if secs else 0.0
+    lines = [
+        f"{d['op']}d {len(d['adapters'])} adapter(s) into {t['merged']} of {t['tensors']} tensors -> {d['out']}",
+        f"device {d['device']}, dtype {d['dtype']}, {t['bytes_written'] / 1e9:.2f} GB written in {secs:.1f} s ({rate:.0f} MB/s)",
+    ]
+    if t["rel_change"] is not None:
+        lines.append(f"relative change ||dW||/||W||: {t['rel_change']:.3g} overall, {t['rel_change_max']:.3g} max; "
+                     f"delta retained after the cast: {t['retained_min']:.4g} min")
+    rows = sorted(d["rows"], key=lambda r: -(r.get("rel_change") or 0.0))[:TABLE_ROWS]
+    if rows:
+        width = max(len(r["name"]) for r in rows)
+        lines += ["", f"{'tensor (largest changes first)':<{width}}  {'shape':>12}  {'rank':>4}  {'rel change':>10}  {'retained':>8}"]
+        for r in rows:
+            shape = "x".join(map(str, r["shape"]))
+            rel = "-" if r.get("rel_change") is None else f"{r['rel_change']:.3g}"
+            kept = "-" if r.get("retained") is None else f"{r['retained']:.4g}"
+            lines.append(f"{r['name']:<{width}}  {shape:>12}  {r['rank']:>4}  {rel:>10}  {kept:>8}")
+        if len(d["rows"]) > TABLE_ROWS:
+            lines.append(f"... {len(d['rows']) - TABLE_ROWS} more (--json for all)")
+    return "\n".join(lines)
+
+
+def _run(fn, base, adapters, weights, output, device, dtype, force, quiet, as_json):
+    refuse_existing(output, force)
+    report = fn(base, list(adapters), output, weights=weights, device=device, dtype=dtype, progress=not quiet and is_tty(), force=force)
+    emit(report.to_dict(), as_json, _render_report)
+
+
+@main.command()
+@base_option
+@adapter_option
+@click.option("--weights", "-w", help="Comma-separated weights, one per adapter (default: 1 each).")
+@output_option("Output directory (or .safetensors file for a single-file base).")
+@device_option
+@dtype_option
+@force_option
+@quiet_option
+@json_option
+def merge(base, adapters, weights, output, device, dtype, force, quiet, as_json):
+    """Merge adapters into a base checkpoint: W + sum_i w_i * scale_i * B_i A_i, streaming.
+
+    The output keeps the base's shards, index, metadata and side files; tensors without an
+    adapter are copied byte for byte.
+    """
+    _run(merge_checkpoint, base, adapters, _weights(weights, adapters, 1.0), output, device, dtype, force, quiet, as_json)
+
+
+@main.command()
+@base_option
+@adapter_option
+@click.option("--weights", "-w", help="The weights the adapters were merged with (default: 1 each).")
+@output_option("Output directory (or .safetensors file for a single-file base).")
+@device_option
+@dtype_option
+@force_option
+@quiet_option
+@json_option
+def unmerge(base, adapters, weights, output, device, dtype, force, quiet, as_json):
+    """Subtract adapters from a merged checkpoint (merge with the weights negated; not for DoRA)."""
+    _run(unmerge_checkpoint, base, adapters, _weights(weights, adapters, 1.0), output, device, dtype, force, quiet, as_json)
+
+
+@main.command()
+@base_option
+@click.option("--tuned", "-t", required=True, help="Fine-tuned checkpoint of the same architecture.")
+@click.option("--rank", type=click.IntRange(min=1), help="Rank per layer.")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Keep this fraction of each layer's squared singular values.")
+@output_option("Where to write the adapter (.st file, or a directory for peft).")
+@click.option("--format", "fmt", type=click.Choice(["native", "peft", "kohya"]), default=None, help="Adapter format (default: from the output path).")
+@device_option
+@force_option
+@quiet_option
+@json_option
+def extract(base, tuned, rank, energy, output, fmt, device, force, quiet, as_json):
+    """LoRA adapter approximating TUNED - BASE: truncated SVD per changed linear weight."""
+    if (rank is None) == (energy is None):
+        raise click.UsageError("give exactly one of --rank or --energy")
+    refuse_existing(output, force)
+    adapter = extract_adapter(base, tuned, rank=rank, energy=energy, device=device, progress=not quiet and is_tty())
+    adapter.save(output, format=fmt, force=force)
+    info = dict(adapter.metadata["extraction"])
+    data = {"output": output, "num_layers": len(adapter), "rank": adapter.rank, "num_params": adapter.num_params, **info}
+    if not quiet and not as_json and info.get("skipped"):
+        status(f"note: {len(info['skipped'])} weight(s) left out, e.g. {info['skipped'][0]}")
+    emit(data, as_json, _render_extract)
+
+
+def _render_extract(d: dict) -> str:
+    layers = d["layers"]
+    energies = [r["energy"] for r in layers.values()]
+    lines = [
+        f"wrote {d['output']}: {d['num_layers']} layers, rank {d['rank']}, {d['num_params']:,} params "
+        f"({d['method']} SVD on {d['device']}, {d['seconds']:.1f} s)",
+    ]
+    if energies:
+        lines.append(f"energy captured per layer: min {min(energies):.4g}, mean {sum(energies) / len(energies):.4g}")
+    return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""The LoRA-wrapped linear layer: a frozen base plus a trainable low-rank branch.
+
+    y = base(x) + scale * (dropout(x) @ A.T) @ B.T        (Hu et al. 2021, LoRA, eq. 3)
+
+``A`` is (r, in), ``B`` is (out, r), ``scale = lora_scale(alpha, r, rslora=...)``. The base is a
+plain ``nn.Linear`` or an NF4-quantized one (``NF4Linear``, QLoRA: Dettmers et al. 2023), whose
+weight is dequantized on the fly in forward and again in backward, never kept.
+
+For these bases the forward and backward run as one autograd function: the LoRA output is
+accumulated into the base GEMM's output (``addmm_`` with ``alpha=scale``), the input gradient of
+both branches into one buffer, and nothing of size (tokens, out) is allocated besides the output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapter import LoraLayer, lora_scale
+from ..errors import AdapterOpsError
+
+__all__ = ["LoraLinear", "NF4Linear", "lora_dtype"]
+
+
+def lora_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the trainable factors: float32 over 16-bit or quantized bases (optimizer precision),
+    else the base's own float dtype."""
+    if base_dtype in (torch.float32, torch.float64):
+        return base_dtype
+    return torch.float32
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in NF4 (4 bits a weight, bitsandbytes layout).
+
+    ``forward(x) = x @ dequantize(W).T + bias``. Built by ``NF4Linear.from_linear``; the quantized
+    tensors are buffers, so ``.to(device)`` moves them and ``state_dict`` holds them.
+    """
+
+    def __init__(self, quantized, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        from ..quant import nf4
+
+        self._nf4 = nf4
+        self.out_features, self.in_features = (int(s) for s in quantized.shape)
+        self.dtype = dtype  # dtype of the dense weight it replaced, and of dequantize()
+        self._fields = list(nf4_tensors(quantized))
+        for name, tensor in nf4_tensors(quantized).items():
+            self.register_buffer(name, tensor)
+        self._static = quantized
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
+        from ..quant.nf4 import quantize_nf4
+
+        q = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(q, linear.bias, linear.weight.dtype)
+
+    @property
+    def quantized(self):
+        """The NF4 value this layer holds (its tensors are the layer's buffers)."""
+        return rebuild_nf4(self._static, {name: getattr(self, name) for name in self._fields})
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight (out, in) in ``dtype`` (default: the dtype it was quantized from)."""
+        return self._nf4.dequantize_nf4(self.quantized).to(dtype or self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4"
+
+
+def nf4_tensors(quantized) -> dict[str, torch.Tensor]:  # placeholder until the NF4 value is known
+    raise NotImplementedError
+
+
+def rebuild_nf4(template, tensors: dict[str, torch.Tensor]):  # placeholder until the NF4 value is known
+    raise NotImplementedError
+
+
+class LoraLinear(nn.Module):
+    """``base(x) + scale * (dropout(x) @ A.T) @ B.T`` with ``base`` frozen.
+
+    ``init_A`` / ``init_B`` (buffers) hold the starting factors of a PiSSA layer, whose base is the
+    residual ``W - scale * B0 @ A0``: its update relative to the original weight is
+    ``scale * (B @ A - B0 @ A0)``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        rank: int,
+        alpha: float,
+        rslora: bool = False,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, (nn.Linear, NF4Linear)):
+            raise AdapterOpsError(f"LoRA wraps nn.Linear or NF4Linear layers, got {type(base).__name__}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.rslora = int(rank), float(alpha), bool(rslora)
+        self.scale = lora_scale(self.alpha, self.rank, rslora=self.rslora)
+        weight_dtype = base.dtype if isinstance(base, NF4Linear) else base.weight.dtype
+        device = _device_of(base)
+        dtype = dtype or lora_dtype(weight_dtype)
+        self.lora_A = nn.Parameter(torch.zeros(self.rank, self.in_features, device=device, dtype=dtype))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=device, dtype=dtype))  # (out, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.register_buffer("init_A", None)
+        self.register_buffer("init_B", None)
+
+    @property
+    def fused(self) -> bool:
+        """Whether forward runs as one fused function: for the bases whose forward it reproduces."""
+        base = self.base
+        return type(base) is NF4Linear or (type(base) is nn.Linear and not _has_hooks(base))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(x) if self.dropout is not None and self.training else None
+        if self.fused:
+            if type(self.base) is NF4Linear:
+                return _LoraLinearFn.apply(x, h, None, self.base.bias, self.lora_A, self.lora_B, self.scale, self.base)
+            return _LoraLinearFn.apply(x, h, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scale, None)
+        out = self.base(x)
+        h = x if h is None else h
+        dtype = _compute_dtype(h)
+        z = F.linear(h.to(dtype), self.lora_A.to(dtype))  # (..., in) @ (in, r) -> (..., r)
+        return out + F.linear(z, self.lora_B.to(dtype)) * self.scale  # (..., r) @ (r, out) -> (..., out)
+
+    def lora_layer(self) -> LoraLayer:
+        """This layer's update of the original weight as an immutable LoraLayer (copies the factors).
+
+        ``alpha`` is resolved so that ``alpha / rank`` is this layer's scale (rsLoRA included).
+        PiSSA layers give the rank-2r difference from their starting point.
+        """
+        A, B = self.lora_A.detach().clone(), self.lora_B.detach().clone()
+        if self.init_A is not None:
+            A = torch.cat([A, self.init_A.to(A.dtype)], dim=0)  # (2r, in)
+            B = torch.cat([B, -self.init_B.to(B.dtype)], dim=1)  # (out, 2r)
+        return LoraLayer(A, B, self.scale * A.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """Dense update of the original weight (out, in), float32 at least."""
+        return self.lora_layer().delta(torch.promote_types(self.lora_A.dtype, torch.float32))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}" + (", rslora" if self.rslora else "")
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    """``y = x @ W.T + b + scale * (h @ A.T) @ B.T`` with ``h = x`` unless dropout gives another.
+
+    Shapes: x, h (N, in); W (out, in); A (r, in); B (out, r); z = h @ A.T (N, r); y (N, out).
+    Backward, with g = dL/dy and gz = scale * g @ B (N, r):
+        dA = gz.T @ h;  dB = scale * g.T @ z;  dx = g @ W (+ gz @ A when h is x);  dh = gz @ A.
+    Saved: h, z and the cast factors; the base weight is a parameter (or re-dequantized).
+    """
+
+    @staticmethod
+    def forward(ctx, x, h, weight, bias, A, B, scale, quantized):
+        dtype = _compute_dtype(x)
+        in_features = x.shape[-1]
+        x2 = x.reshape(-1, in_features).to(dtype)  # (N, in)
+        h2 = x2 if h is None else h.reshape(-1, in_features).to(dtype)  # (N, in)
+        W = weight.to(dtype) if quantized is None else quantized.dequantize(dtype)  # (out, in)
+        Ac, Bc = A.to(dtype), B.to(dtype)
+        if bias is None:
+            out = torch.mm(x2, W.t())  # (N, in) @ (in, out) -> (N, out)
+        else:
+            out = torch.addmm(bias.to(dtype), x2, W.t())
+        z = torch.mm(h2, Ac.t())  # (N, in) @ (in, r) -> (N, r)
+        out.addmm_(z, Bc.t(), alpha=scale)  # += scale * (N, r) @ (r, out)
+        ctx.scale, ctx.quantized, ctx.dtype = scale, quantized, dtype
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.h_meta = None if h is None else (h.shape, h.dtype)
+        ctx.meta = (None if weight is None else weight.dtype, None if bias is None else bias.dtype, A.dtype, B.dtype)
+        keep_x = weight is not None and weight.requires_grad
+        ctx.save_for_backward(x2 if keep_x else None, h2, z, weight, Ac, Bc)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, h2, z, weight, Ac, Bc = ctx.saved_tensors
+        need_x, need_h, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:6]
+        dtype, scale = ctx.dtype, ctx.scale
+        w_dtype, b_dtype, a_dtype, bb_dtype = ctx.meta
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (N, out)
+            gz = torch.mm(g, Bc).mul_(scale)  # (N, out) @ (out, r) -> (N, r)
+            dA = torch.mm(gz.t(), h2).to(a_dtype) if need_A else None  # (r, N) @ (N, in) -> (r, in)
+            dB = torch.mm(g.t(), z).mul_(scale).to(bb_dtype) if need_B else None  # (out, N) @ (N, r) -> (out, r)
+            dx = dh = dW = db = None
+            if need_x:
+                W = weight.to(dtype) if ctx.quantized is None else ctx.quantized.dequantize(dtype)
+                dx = torch.mm(g, W)  # (N, out) @ (out, in) -> (N, in)
+                if ctx.h_meta is None:
+                    dx.addmm_(gz, Ac)  # += (N, r) @ (r, in)
+                dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+            if need_h and ctx.h_meta is not None:
+                dh = torch.mm(gz, Ac).reshape(ctx.h_meta[0]).to(ctx.h_meta[1])
+            if need_w:
+                dW = torch.mm(g.t(), x2).to(w_dtype)  # (out, N) @ (N, in) -> (out, in)
+            if need_b:
+                db = g.sum(0).to(b_dtype)
+        return dx, dh, dW, db, dA, dB, None, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for ``x``'s device, else ``x``'s own dtype."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)

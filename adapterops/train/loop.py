@@ -1,0 +1,422 @@
+"""The training loop: AdamW on the LoRA factors of a model, seeded, resumable, measured.
+
+Loss: token-level cross entropy of next-token prediction over the trained tokens (labels != -100),
+averaged over every trained token of an optimizer step (all ``grad_accum`` micro-batches together),
+so accumulation gives the same gradient as one big batch.
+
+Learning rate: linear warmup to ``lr``, then cosine decay to zero (Loshchilov & Hutter 2017).
+LoRA+ (Hayou et al. 2024): the B factors train at ``lr * lr_ratio``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapter import Adapter
+from ..errors import AdapterOpsError
+from . import checkpoint as ckpt
+from .data import IGNORE, collate, load_jsonl
+from .inject import lora_adapter, lora_modules
+
+__all__ = ["TrainResult", "train_lora", "lr_at", "evaluate"]
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the adapter and how training went."""
+
+    adapter: Adapter
+    losses: list[float]  # mean loss of every optimizer step, from step 1
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    steps: int = 0
+    tokens: int = 0  # input tokens (padding excluded) this run processed
+    seconds: float = 0.0  # training time of this run, evaluation excluded
+    resumed_from: int = 0  # the step this run started from
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+    @property
+    def eval_loss(self) -> float | None:
+        return self.eval_losses[-1][1] if self.eval_losses else None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "resumed_from": self.resumed_from,
+            "final_loss": self.final_loss,
+            "eval_loss": self.eval_loss,
+            "eval_losses": [list(e) for e in self.eval_losses],
+            "losses": self.losses,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "num_layers": len(self.adapter),
+            "rank": self.adapter.rank,
+            "num_params": self.adapter.num_params,
+        }
+
+
+def lr_at(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based) of ``total``:
+    ``(step + 1) / warmup`` while warming up, then ``(1 + cos(pi * t)) / 2`` with ``t`` going
+    from 0 to 1 over the remaining steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def train_lora(
+    model: nn.Module,
+    train_data: Sequence[dict[str, Sequence[int]]] | str | os.PathLike,
+    eval_data: Sequence[dict[str, Sequence[int]]] | str | os.PathLike | None = None,
+    *,
+    lr: float = 2e-4,
+    lr_ratio: float | None = None,
+    epochs: float = 1,
+    steps: int | None = None,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    max_grad_norm: float | None = 1.0,
+    warmup: int | float = 0.0,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eval_every: int | None = None,
+    seed: int = 0,
+    bf16: bool | None = None,
+    gradient_checkpointing: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    save_every: int | None = None,
+    resume_from: str | os.PathLike | None = None,
+    callback: Callable[[dict[str, Any]], bool | None] | None = None,
+    progress: bool = False,
+    tokenizer: Any = None,
+    max_len: int | None = None,
+    packing: bool = False,
+) -> TrainResult:
+    """Train the LoRA layers of ``model`` (see ``add_lora``) and return the result.
+
+    Data: sequences of ``{"input_ids", "labels"}`` (labels optional: all tokens), or JSONL paths
+    read with ``tokenizer``, ``max_len`` and ``packing`` (see ``adapterops.train.data``).
+    Length: ``steps`` optimizer steps, else ``epochs`` passes over the data; each step takes
+    ``grad_accum`` micro-batches of ``batch_size``. ``warmup`` is a step count (int) or a fraction
+    of the steps (float below 1). ``bf16`` autocast defaults to on for CUDA. ``eval_every`` steps
+    (and at the end) the eval loss is measured. ``checkpoint_dir`` gets a checkpoint every
+    ``save_every`` steps and at the end; ``resume_from`` continues such a run exactly, given the
+    same model, data and settings. ``callback(info)`` runs after every step; returning False
+    stops the run. Seeded: the same seed gives the same losses.
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise AdapterOpsError("the model has no LoRA layers; call adapterops.train.add_lora(model, ...) first")
+    _check_settings(lr, lr_ratio, epochs, steps, batch_size, grad_accum, max_grad_norm, warmup, eval_every, save_every, checkpoint_dir)
+    train = _examples(train_data, tokenizer, max_len, packing, "train_data")
+    evals = None if eval_data is None else _examples(eval_data, tokenizer, max_len, packing, "eval_data")
+    first = next(iter(modules.values())).lora_A
+    device = first.device
+    pad_id = _pad_id(tokenizer)
+    stream = _Batches(train, batch_size, seed, pad_id, device)
+    num_batches = stream.num_batches
+    total = steps if steps is not None else max(1, math.ceil(epochs * num_batches / grad_accum))
+    warmup_steps = int(warmup) if isinstance(warmup, int) else int(round(warmup * total))
+    use_bf16 = device.type == "cuda" if bf16 is None else bf16
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+    a_params = [m.lora_A for m in modules.values()]
+    b_params = [m.lora_B for m in modules.values()]
+    groups = [
+        {"params": a_params, "lr": lr, "base_lr": lr},
+        {"params": b_params, "lr": lr * (lr_ratio or 1.0), "base_lr": lr * (lr_ratio or 1.0)},
+    ]
+    fused = device.type == "cuda" and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in a_params + b_params)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+    settings = {
+        "lr": lr, "lr_ratio": lr_ratio, "total_steps": total, "batch_size": batch_size, "grad_accum": grad_accum,
+        "warmup_steps": warmup_steps, "weight_decay": weight_decay, "betas": list(betas), "seed": seed,
+        "max_grad_norm": max_grad_norm, "num_examples": len(train), "bf16": use_bf16,
+    }
+    losses: list[float] = []
+    eval_losses: list[tuple[int, float]] = []
+    start = 0
+    if resume_from is not None:
+        saved = ckpt.load_checkpoint(resume_from)
+        _check_resume(saved, settings)
+        ckpt.restore_lora(saved, modules)
+        ckpt.restore_optimizer(saved, optimizer)
+        ckpt.restore_rng(saved)
+        start = int(saved.state["step"])
+        losses = [float(x) for x in saved.state.get("losses", [])]
+        eval_losses = [(int(s), float(v)) for s, v in saved.state.get("eval_losses", [])]
+    else:
+        torch.manual_seed(seed)
+
+    forward = _forward_fn(model)
+    was_training = model.training
+    restore_checkpointing = _enable_checkpointing(model) if gradient_checkpointing else None
+    bar = _Progress(total, enabled=progress)
+    tokens, seconds = 0, 0.0
+    model.train()
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            scale = lr_at(step, total, warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * scale
+            batches = [stream[step * grad_accum + i] for i in range(grad_accum)]
+            n_trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            step_loss = 0.0
+            for batch in batches:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast():
+                    loss_sum = _loss_sum(forward(batch), batch["labels"])
+                loss = loss_sum / max(n_trained, 1)
+                loss.backward()
+                step_loss += float(loss.detach())
+                tokens += int(batch["attention_mask"].sum())
+            grad_norm = None
+            if max_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(a_params + b_params, max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds += time.perf_counter() - t0
+            losses.append(step_loss)
+            done = step + 1
+            info = {"step": done, "total_steps": total, "loss": step_loss, "lr": lr * scale, "grad_norm": grad_norm,
+                    "tokens_per_second": tokens / seconds if seconds else 0.0}
+            if evals is not None and ((eval_every and done % eval_every == 0) or done == total):
+                info["eval_loss"] = evaluate(model, evals, batch_size=batch_size, bf16=use_bf16, pad_id=pad_id, _forward=forward)
+                eval_losses.append((done, info["eval_loss"]))
+            bar.update(info)
+            stop = callback is not None and callback(info) is False
+            if checkpoint_dir is not None and ((save_every and done % save_every == 0) or done == total or stop):
+                state = {"settings": settings, "losses": losses, "eval_losses": [list(e) for e in eval_losses]}
+                ckpt.save_checkpoint(checkpoint_dir, done, modules, optimizer, state)
+            if stop:
+                break
+    finally:
+        bar.close()
+        if restore_checkpointing is not None:
+            restore_checkpointing()
+        model.train(was_training)
+    return TrainResult(
+        adapter=lora_adapter(model, modules),
+        losses=losses,
+        eval_losses=eval_losses,
+        steps=len(losses),
+        tokens=tokens,
+        seconds=seconds,
+        resumed_from=start,
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    data: Sequence[dict[str, Sequence[int]]],
+    *,
+    batch_size: int = 8,
+    bf16: bool = False,
+    pad_id: int = 0,
+    _forward: Callable | None = None,
+) -> float:
+    """Mean next-token cross entropy over every trained token of ``data`` (model in eval mode)."""
+    forward = _forward or _forward_fn(model)
+    device = next(p for p in model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for i in range(0, len(data), batch_size):
+                batch = {k: v.to(device) for k, v in collate(data[i : i + batch_size], pad_id).items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+                    total += float(_loss_sum(forward(batch), batch["labels"]))
+                count += int((batch["labels"][:, 1:] != IGNORE).sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def _loss_sum(output: Any, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross entropy of predicting ``labels[:, t]`` from ``logits[:, t - 1]`` (float32)."""
+    logits = output if isinstance(output, torch.Tensor) else output.logits  # (B, T, V)
+    logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B (T-1), V)
+    return F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def _forward_fn(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], Any]:
+    """``model(input_ids=, attention_mask=, use_cache=False)`` for Hugging Face style models,
+    ``model(input_ids)`` for any other."""
+    params = inspect.signature(model.forward).parameters
+    if "attention_mask" in params:
+        extra = {"use_cache": False} if "use_cache" in params else {}
+        return lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **extra)
+    return lambda b: model(b["input_ids"])
+
+
+class _Batches:
+    """Micro-batch ``k`` of an endless stream: epoch ``k // num_batches``, each epoch in its own
+    seeded order, so any step's batches are known without replaying the ones before it."""
+
+    def __init__(self, data: Sequence[dict[str, Any]], batch_size: int, seed: int, pad_id: int, device: torch.device) -> None:
+        self.data, self.batch_size, self.seed, self.pad_id = data, batch_size, seed, pad_id
+        self.num_batches = math.ceil(len(data) / batch_size)
+        self.pin = device.type == "cuda"
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        epoch, j = divmod(k, self.num_batches)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.data), generator=generator)
+        picked = self._order[j * self.batch_size : (j + 1) * self.batch_size].tolist()
+        batch = collate([self.data[i] for i in picked], self.pad_id)
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin else batch
+
+
+def _examples(data: Any, tokenizer: Any, max_len: int | None, packing: bool, what: str) -> Sequence[dict[str, Any]]:
+    if isinstance(data, (str, os.PathLike)):
+        if tokenizer is None:
+            raise AdapterOpsError(f"{what} is a path ({data}); pass tokenizer= to read it")
+        return load_jsonl(data, tokenizer, max_len=max_len, packing=packing)
+    examples = list(data)
+    if not examples:
+        raise AdapterOpsError(f"{what} is empty")
+    for i, e in enumerate(examples):
+        if not isinstance(e, dict) or "input_ids" not in e or len(e["input_ids"]) < 2:
+            raise AdapterOpsError(f"{what}[{i}] must be a dict with at least 2 'input_ids' (and optional 'labels')")
+        if "labels" in e and len(e["labels"]) != len(e["input_ids"]):
+            raise AdapterOpsError(f"{what}[{i}]: 'labels' and 'input_ids' differ in length")
+    return [e if "labels" in e else {**e, "labels": list(e["input_ids"])} for e in examples]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _check_settings(lr, lr_ratio, epochs, steps, batch_size, grad_accum, max_grad_norm, warmup, eval_every, save_every, checkpoint_dir) -> None:
+    problems = []
+    if not lr > 0:
+        problems.append(f"lr must be positive, got {lr}")
+    if lr_ratio is not None and not lr_ratio > 0:
+        problems.append(f"lr_ratio must be positive, got {lr_ratio}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        problems.append(f"steps must be a positive integer, got {steps!r}")
+    if steps is None and not epochs > 0:
+        problems.append(f"epochs must be positive, got {epochs}")
+    for name, value in (("batch_size", batch_size), ("grad_accum", grad_accum)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{name} must be a positive integer, got {value!r}")
+    if max_grad_norm is not None and max_grad_norm < 0:
+        problems.append(f"max_grad_norm must be >= 0 (0 or None: no clipping), got {max_grad_norm}")
+    if isinstance(warmup, bool) or (isinstance(warmup, int) and warmup < 0) or (isinstance(warmup, float) and not 0 <= warmup < 1):
+        problems.append(f"warmup must be a step count (int >= 0) or a fraction in [0, 1), got {warmup!r}")
+    for name, value in (("eval_every", eval_every), ("save_every", save_every)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            problems.append(f"{name} must be a positive integer or None, got {value!r}")
+    if save_every is not None and checkpoint_dir is None:
+        problems.append("save_every needs checkpoint_dir")
+    if problems:
+        raise AdapterOpsError("; ".join(problems))
+
+
+def _check_resume(saved: ckpt.Checkpoint, settings: dict[str, Any]) -> None:
+    before = saved.state.get("settings", {})
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
+    if changed:
+        raise AdapterOpsError(
+            f"{saved.path}: cannot resume exactly with changed settings ({'; '.join(changed)}); "
+            "resume with the settings and data of the run that saved it"
+        )
+
+
+def _enable_checkpointing(model: nn.Module) -> Callable[[], None]:
+    """Turn on the model's own gradient checkpointing; returns what turns it back off."""
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if not callable(enable):
+        raise AdapterOpsError(
+            f"{type(model).__name__} has no gradient_checkpointing_enable(); wrap its blocks in "
+            "torch.utils.checkpoint yourself, or train without gradient_checkpointing"
+        )
+    was_on = bool(getattr(model, "is_gradient_checkpointing", False))
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # frozen inputs need the non-reentrant kind
+    if was_on:
+        return lambda: None
+    return lambda: model.gradient_checkpointing_disable()
+
+
+class _Progress:
+    """One line on stderr, redrawn at most ten times a second: step, loss, lr, tokens/s, eta."""
+
+    def __init__(self, total: int, *, enabled: bool, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and _isatty(self.stream)
+        self.total, self.start, self.last, self.width = total, time.perf_counter(), 0.0, 0
+        self.first_step: int | None = None
+
+    def update(self, info: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.first_step is None:
+            self.first_step = info["step"] - 1
+        done = info["step"] - self.first_step
+        eta = (now - self.start) / done * (self.total - info["step"])
+        text = (
+            f"step {info['step']}/{self.total}  loss {info['loss']:.4f}  lr {info['lr']:.2e}  "
+            f"{info['tokens_per_second']:,.0f} tok/s  eta {_duration(eta)}"
+        )
+        if "eval_loss" in info:
+            text += f"  eval {info['eval_loss']:.4f}"
+        if self.tty:
+            if now - self.last >= 0.1 or info["step"] == self.total or "eval_loss" in info:
+                self.last = now
+                self.stream.write("\r" + text + " " * max(self.width - len(text), 0))
+                self.stream.flush()
+                self.width = len(text)
+        elif info["step"] == self.total or "eval_loss" in info or info["step"] % max(1, self.total // 20) == 0:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.width = 0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,216 @@
+"""Blend two rank-16 adapters and re-compress the sum to rank 16: adapterops vs the dense route.
+
+adapterops: ``blend`` (exact, rank 32 in factored form) then ``compress(rank=16)``: QR of both
+factors and an SVD of the 32 x 32 core, layers of equal shape batched.
+
+Dense route: materialize ``0.6 * delta_a + 0.4 * delta_b`` (out x in), ``torch.linalg.svd``, keep
+16 singular triplets. This is what PEFT's ``add_weighted_adapter(combination_type="svd")`` does
+per module (it even asks for ``full_matrices=True`` by default; the dense route here uses the
+cheaper thin SVD). The script also runs PEFT's own ``add_weighted_adapter`` on a small module to
+confirm that it computes the same thing.
+
+Cases, all on ``--device``:
+  - one layer at 4096 x 4096 and at 11008 x 4096 (Llama-7B attention and MLP shapes);
+  - a whole model: ``--layers`` decoder layers x the 7 Llama-7B linear shapes (q, k, v, o, gate,
+    up, down), adapterops compressing all at once vs a dense loop over the modules.
+
+Every case checks that the two results agree: relative Frobenius difference of the rank-16 deltas
+below 1e-4 (exit code 1 otherwise).
+
+    python benchmarks/bench_compress.py [--device cpu|cuda] [--layers N] [--repeat N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import adapterops as ao
+from adapterops import Adapter, LoraLayer
+
+RANK, ALPHA, WEIGHTS = 16, 32.0, (0.6, 0.4)
+TOLERANCE = 1e-4
+LLAMA_7B = {  # module -> (out, in)
+    "self_attn.q_proj": (4096, 4096),
+    "self_attn.k_proj": (4096, 4096),
+    "self_attn.v_proj": (4096, 4096),
+    "self_attn.o_proj": (4096, 4096),
+    "mlp.gate_proj": (11008, 4096),
+    "mlp.up_proj": (11008, 4096),
+    "mlp.down_proj": (4096, 11008),
+}
+
+
+def random_adapter(shapes: dict[str, tuple[int, int]], seed: int, device: torch.device) -> Adapter:
+    """Rank-16 float32 factors with a decaying spectrum, like a trained adapter's."""
+    g = torch.Generator().manual_seed(seed)
+    decay = 0.8 ** torch.arange(RANK, dtype=torch.float32)
+    layers = {}
+    for name, (out, inn) in shapes.items():
+        A = torch.randn(RANK, inn, generator=g) / math.sqrt(inn)  # (r, in)
+        B = torch.randn(out, RANK, generator=g) * 0.01 * decay  # (out, r)
+        layers[name] = LoraLayer(A.to(device), B.to(device), ALPHA)
+    return Adapter(layers)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> tuple[float, object]:
+    """Median wall time in ms over ``repeat`` runs after one warm-up, and the last result."""
+    result = fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), result
+
+
+def adapterops_route(a: Adapter, b: Adapter, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    result = ao.blend([a, b], WEIGHTS).compress(rank=RANK, device=device)
+    return {n: (layer.B * layer.scale, layer.A) for n, layer in result.items()}
+
+
+def dense_route(a: Adapter, b: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module: materialize the blended delta, full SVD, keep the top 16 (PEFT's svd combination)."""
+    out = {}
+    for name in a:
+        la, lb = a[name], b[name]
+        delta = WEIGHTS[0] * la.scale * (la.B @ la.A) + WEIGHTS[1] * lb.scale * (lb.B @ lb.A)  # (out, in)
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        out[name] = (U[:, :RANK] * S[:RANK], Vh[:RANK])  # (out, 16), (16, in)
+    return out
+
+
+def relative_difference(x: dict, y: dict) -> float:
+    """||X - Y||_F / ||Y||_F over all modules, on the dense rank-16 deltas."""
+    num = den = 0.0
+    for name, (By, Ay) in y.items():
+        Bx, Ax = x[name]
+        dense_y = (By @ Ay).double()
+        num += float(torch.linalg.matrix_norm((Bx @ Ax).double() - dense_y)) ** 2
+        den += float(torch.linalg.matrix_norm(dense_y)) ** 2
+    return math.sqrt(num / den)
+
+
+def compare(label: str, shapes: dict[str, tuple[int, int]], device: torch.device, repeat: int, dense_repeat: int) -> dict:
+    a, b = random_adapter(shapes, 1, device), random_adapter(shapes, 2, device)
+    ours_ms, ours = timed(lambda: adapterops_route(a, b, device), device, repeat)
+    dense_ms, dense = timed(lambda: dense_route(a, b), device, dense_repeat)
+    return {
+        "case": label,
+        "modules": len(shapes),
+        "adapterops_ms": ours_ms,
+        "dense_ms": dense_ms,
+        "speedup": dense_ms / ours_ms,
+        "rel_diff": relative_difference(ours, dense),
+    }
+
+
+def peft_check(device: torch.device, repeat: int) -> dict | None:
+    """PEFT's own add_weighted_adapter(svd) on one 1024 x 1024 Linear, against both routes."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    shape = (1024, 1024)
+    base = torch.nn.Sequential()
+    base.add_module("proj", torch.nn.Linear(shape[1], shape[0], bias=False))
+    a, b = random_adapter({"proj": shape}, 1, torch.device("cpu")), random_adapter({"proj": shape}, 2, torch.device("cpu"))
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"])
+    model = peft.get_peft_model(base, config, adapter_name="first")
+    model.add_adapter("second", config)
+    with torch.no_grad():
+        for adapter_name, value in (("first", a), ("second", b)):
+            model.base_model.model.proj.lora_A[adapter_name].weight.copy_(value["proj"].A)
+            model.base_model.model.proj.lora_B[adapter_name].weight.copy_(value["proj"].B)
+    model = model.to(device)
+    counter = iter(range(10**6))
+
+    def run_peft():
+        name = f"mix{next(counter)}"
+        model.add_weighted_adapter(["first", "second"], list(WEIGHTS), name, combination_type="svd", svd_rank=RANK)
+        return name
+
+    peft_ms, name = timed(run_peft, device, repeat)
+    layer = model.base_model.model.proj
+    peft_result = {"proj": (layer.lora_B[name].weight.detach() * layer.scaling[name], layer.lora_A[name].weight.detach())}
+    a, b = a.to(device), b.to(device)
+    ours_ms, ours = timed(lambda: adapterops_route(a, b, device), device, repeat)
+    return {
+        "case": f"PEFT add_weighted_adapter svd, {shape[0]}x{shape[1]}",
+        "modules": 1,
+        "adapterops_ms": ours_ms,
+        "dense_ms": peft_ms,
+        "speedup": peft_ms / ours_ms,
+        "rel_diff": relative_difference(ours, peft_result),
+        "peft_vs_dense_route": relative_difference(dense_route(a, b), peft_result),
+    }
+
+
+def table(rows: list[dict], device: str) -> str:
+    head = f"{'case':<44} {'adapterops ms':>14} {'dense ms':>12} {'speedup':>9} {'rel diff':>9}"
+    lines = [f"device: {device}", head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['case']:<44} {r['adapterops_ms']:>14.2f} {r['dense_ms']:>12.1f} {r['speedup']:>8.0f}x {r['rel_diff']:>9.1e}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers in the whole-model case (default: 32 on cuda, 1 on cpu; 0 skips it)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs of the adapterops route (median)")
+    parser.add_argument("--dense-repeat", type=int, default=None, help="timed runs of the dense route (default: 3 on cuda, 1 on cpu)")
+    parser.add_argument("--no-peft", action="store_true", help="skip the check against PEFT's add_weighted_adapter")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    layers = args.layers if args.layers is not None else (32 if device.type == "cuda" else 1)
+    dense_repeat = args.dense_repeat or (3 if device.type == "cuda" else 1)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+    rows = []
+    for out, inn in [(4096, 4096), (11008, 4096)]:
+        rows.append(compare(f"one layer {out}x{inn}", {"layer": (out, inn)}, device, args.repeat, dense_repeat))
+        print(table(rows[-1:], name).splitlines()[-1], file=sys.stderr, flush=True)
+    if layers:
+        shapes = {f"model.layers.{i}.{m}": s for i in range(layers) for m, s in LLAMA_7B.items()}
+        rows.append(compare(f"Llama-7B, {layers} layers x 7 linears", shapes, device, args.repeat, dense_repeat))
+    if not args.no_peft:
+        check = peft_check(device, args.repeat)
+        if check:
+            rows.append(check)
+    print(table(rows, name))
+    if rows and "peft_vs_dense_route" in rows[-1]:
+        print(f"PEFT's add_weighted_adapter(svd) vs the dense route here: rel diff {rows[-1]['peft_vs_dense_route']:.1e}")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "rank": RANK, "results": rows}, indent=2) + "\n")
+    bad = [r["case"] for r in rows if not r["rel_diff"] < TOLERANCE]
+    if bad:
+        print(f"results differ by {TOLERANCE:g} or more in: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
