@@ -1,6 +1,7 @@
 """adapterops: LoRA adapters as values."""
 
 from .adapter import Adapter, LoraLayer, blend, cosine, interpolate, lora_scale
+from .diagnostics import compare, diagnose, reduce_intruders
 from .errors import AdapterOpsError
 from .extract import extract
 from .formats import load, save
@@ -13,12 +14,15 @@ __all__ = [
     "LoraLayer",
     "AdapterOpsError",
     "blend",
+    "compare",
     "cosine",
+    "diagnose",
     "extract",
     "interpolate",
     "load",
     "lora_scale",
     "merge",
+    "reduce_intruders",
     "save",
     "unmerge",
 ]

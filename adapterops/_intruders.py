@@ -44,22 +44,28 @@ def base_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``U`` (b, out, n) and ``S`` (b, n), descending, of a batch of base weights ``W`` (b, out, in).
 
     From the float64 Gram matrix: ``eigh(W W^T)`` when ``out <= in``; otherwise ``eigh(W^T W) = V S^2 V^T``
-    and ``U`` from a QR of ``W V`` (columns ``s_i u_i``), which stays orthonormal where ``s_i`` is tiny.
-    In float64 the squared spectrum is exact to ``1e-16 * s_1^2``: singular values above ``1e-7 s_1`` and
-    their vectors come out at least as accurate as a float32 ``svd``, and symmetric eigensolvers are
-    several times faster than SVD drivers on GPUs. Returned in float32.
+    and ``U = W V S^-1`` -- or, when some ``s_i < 1e-5 s_1`` (a rank-deficient ``W``), ``U`` from a QR of
+    ``W V``, which stays orthonormal there. In float64 the squared spectrum is exact to ``1e-16 s_1^2``:
+    singular values above ``1e-5 s_1`` and their vectors come out at least as accurate as a float32
+    ``svd``, and symmetric eigensolvers are several times faster than SVD drivers on GPUs. Returned
+    in float32.
     """
     Wd = W.to(torch.float64)
     out, inp = W.shape[-2:]
     if out <= inp:
         evals, U = torch.linalg.eigh(Wd @ Wd.mT)  # (b, out, out), ascending
         U = U.flip(-1)
+        S = evals.flip(-1).clamp_min(0).sqrt()
     else:
         evals, V = torch.linalg.eigh(Wd.mT @ Wd)  # (b, in, in)
-        Q, R = torch.linalg.qr(Wd @ V.flip(-1))  # (b, out, in): columns s_i u_i, descending
-        sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
-        U = Q * torch.where(sign == 0, torch.ones_like(sign), sign)[..., None, :]
-    S = evals.flip(-1).clamp_min(0).sqrt()
+        S = evals.flip(-1).clamp_min(0).sqrt()
+        Y = Wd @ V.flip(-1)  # (b, out, in): columns s_i u_i, descending
+        if bool((S[..., -1] > 1e-5 * S[..., 0]).all()):
+            U = Y / S[..., None, :]
+        else:
+            Q, R = torch.linalg.qr(Y)
+            sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+            U = Q * torch.where(sign == 0, torch.ones_like(sign), sign)[..., None, :]
     return U.to(torch.float32), S.to(torch.float32)
 
 
@@ -135,7 +141,8 @@ def top_eigh(
         evals, vecs = _dense_top(D, L, C, k)
         return evals, vecs, torch.ones(b, dtype=torch.bool, device=D.device)
     start = torch.zeros(b, N, p - m, dtype=D.dtype, device=D.device)
-    start[:, torch.arange(p - m), torch.arange(p - m)] = 1.0  # the top base directions ...
+    diag = torch.arange(p - m, device=D.device)
+    start[:, diag, diag] = 1.0  # the top base directions ...
     X, _ = torch.linalg.qr(torch.cat([start, L], dim=-1))  # ... and the span of the update
     for _ in range(max_restarts):
         blocks, images = [X], []

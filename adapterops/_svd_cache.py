@@ -143,8 +143,11 @@ class BaseWeights:
         return sum(self.checkpoint.entry(n).nbytes for n in self._entry_names(target.tensor))
 
     def _entry_names(self, tensor: str) -> list[str]:
+        """The stored tensors that make up one weight: itself, plus its bitsandbytes entries for NF4."""
         if self.nf4 and tensor + NF4_STATE_SUFFIX in self.checkpoint:
-            return sorted(n for n in self.checkpoint.names() if n == tensor or n.startswith(tensor + "."))
+            from .quant.nf4 import STATE_SUFFIXES
+
+            return [tensor, *(tensor + s for s in STATE_SUFFIXES if tensor + s in self.checkpoint)]
         return [tensor]
 
     def load(self, target: Target) -> tuple[torch.Tensor, str]:
@@ -163,9 +166,10 @@ class BaseWeights:
 
 
 def _dequantize_nf4(tensor: str, entries: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The weight an NF4 base stands for (bitsandbytes' ``dequantize_4bit``, in its recorded dtype)."""
     from .quant.nf4 import dequantize_nf4, from_state_dict
 
-    return dequantize_nf4(from_state_dict(entries, prefix=tensor))
+    return dequantize_nf4(from_state_dict(entries, tensor))
 
 
 @dataclass

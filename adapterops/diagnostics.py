@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from . import _intruders, linalg
+from ._progress import Progress
 from ._svd_cache import BaseWeights, SvdCache, base_svd_chunks
 from .adapter import Adapter, LoraLayer
 from .checkpoint import Checkpoint
@@ -68,7 +69,7 @@ class _Record:
             v = data[f.name]
             if f.name in cls._nested:
                 kind = cls._nested[f.name]
-                v = tuple(kind.from_dict(x) for x in v) if isinstance(v, list) else kind.from_dict(v)
+                v = tuple(kind.from_dict(x) for x in v) if isinstance(v, (list, tuple)) else kind.from_dict(v)
             elif isinstance(v, list):
                 v = tuple(v)
             values[f.name] = v
@@ -206,6 +207,7 @@ def diagnose(
     epsilon: float = 0.5,
     device: torch.device | str | None = None,
     cache: CacheLike = None,
+    progress: bool = True,
 ) -> DiagnosisReport:
     """Diagnose every layer of ``adapter`` (an Adapter or a path).
 
@@ -215,7 +217,8 @@ def diagnose(
     of ``W + dW``, its largest ``|cos|`` with all left singular vectors of ``W``; below ``epsilon``
     it is an intruder (Shuttleworth et al. 2024, sec. 4). Base SVDs run batched on ``device``
     (default: CUDA when available) and are cached on disk by content (``cache``: None or True for
-    the default directory, a path, or False for none); see ``adapterops._svd_cache``.
+    the default directory, a path, or False for none); see ``adapterops._svd_cache``. ``progress``
+    draws a progress line on stderr when it is a terminal.
     """
     adapter = _as_adapter(adapter)
     _check_options(top_k, epsilon)
@@ -228,7 +231,7 @@ def diagnose(
         store = _cache(cache)
         targets = weights.match({n: layer.shape for n, layer in adapter.items()})
         base_sq = 0.0
-        for chunk, _, _, top in _merged(adapter, weights, targets, top_k, dev, store):
+        for chunk, _, _, top in _merged(adapter, weights, targets, top_k, dev, store, progress, "diagnosing"):
             for i, name in enumerate(chunk.names):
                 k = top.values.shape[-1]
                 base_norm = float(chunk.S[i].double().square().sum().sqrt())
@@ -277,6 +280,7 @@ def reduce_intruders(
     epsilon: float = 0.5,
     device: torch.device | str | None = None,
     cache: CacheLike = None,
+    progress: bool = True,
 ) -> Adapter:
     """Shrink the intruder dimensions of ``adapter`` against ``base``, keeping each layer's rank.
 
@@ -296,7 +300,7 @@ def reduce_intruders(
     weights = BaseWeights(base)
     targets = weights.match({n: layer.shape for n, layer in adapter.items()})
     layers: dict[str, LoraLayer] = dict(adapter.items())
-    for chunk, B, A, top in _merged(adapter, weights, targets, top_k, dev, _cache(cache)):
+    for chunk, B, A, top in _merged(adapter, weights, targets, top_k, dev, _cache(cache), progress, "reducing intruders"):
         for i, name in enumerate(chunk.names):
             hits = (top.similarity[i] < epsilon).nonzero().flatten()
             if hits.numel() == 0:
@@ -311,18 +315,28 @@ def reduce_intruders(
 
 
 def _merged(
-    adapter: Adapter, weights: BaseWeights, targets: Mapping[str, Any], top_k: int, device: torch.device, cache: SvdCache
+    adapter: Adapter,
+    weights: BaseWeights,
+    targets: Mapping[str, Any],
+    top_k: int,
+    device: torch.device,
+    cache: SvdCache,
+    progress: bool,
+    label: str,
 ) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor, _intruders.MergedTop]]:
     """Per chunk of same-shape layers: the base chunk, scaled ``B`` and ``A`` on device, and the top-k of ``W + dW``."""
     groups: dict[tuple, list[str]] = {}
     for name, layer in adapter.items():
         groups.setdefault((layer.shape, layer.rank), []).append(name)
-    for chunk in base_svd_chunks(weights, targets, list(groups.values()), device=device, cache=cache):
-        folded = [adapter[n].to(device=device).folded(dtype=torch.float32) for n in chunk.names]
-        B = torch.stack([f[0] for f in folded])  # (b, out, r)
-        A = torch.stack([f[1] for f in folded])  # (b, r, in)
-        k = min(top_k, *chunk.W.shape[-2:])
-        yield chunk, B, A, _intruders.merged_top(chunk.W, chunk.U, chunk.S, B, A, k)
+    total = sum(weights.nbytes(t) for t in targets.values())
+    with Progress(label, total_items=len(targets), total_bytes=total, enabled=progress) as bar:
+        for chunk in base_svd_chunks(weights, targets, list(groups.values()), device=device, cache=cache):
+            folded = [adapter[n].to(device=device).folded(dtype=torch.float32) for n in chunk.names]
+            B = torch.stack([f[0] for f in folded])  # (b, out, r)
+            A = torch.stack([f[1] for f in folded])  # (b, r, in)
+            k = min(top_k, *chunk.W.shape[-2:])
+            yield chunk, B, A, _intruders.merged_top(chunk.W, chunk.U, chunk.S, B, A, k)
+            bar.advance(len(chunk.names), sum(weights.nbytes(targets[n]) for n in chunk.names))
 
 
 def _spectra(adapter: Adapter, device: torch.device) -> dict[str, dict[str, Any]]:

@@ -58,7 +58,8 @@ def numerical_rank(S: torch.Tensor, shape: tuple[int, int], *, floor: float = 0.
     """
     if S.numel() == 0:
         return 0
-    tol = max(float(S.max()) * max(shape) * torch.finfo(S.dtype).eps, floor)
+    info = torch.finfo(S.dtype)
+    tol = max(float(S.max()) * max(shape) * info.eps, floor, info.tiny)  # below tiny: subnormal noise
     return int((S > tol).sum())
 
 

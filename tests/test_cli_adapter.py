@@ -44,6 +44,8 @@ def files(tmp_path):
     B = nan[V].B.clone()
     B[0, 0] = float("nan")
     Adapter({**nan, V: LoraLayer(nan[V].A, B, nan[V].alpha)}).save(tmp_path / "nan.st")
+    dora = adapter(5)
+    Adapter({n: LoraLayer(layer.A, layer.B, layer.alpha, magnitude=torch.rand(layer.shape[0])) for n, layer in dora.items()}).save(tmp_path / "dora.st")
     (tmp_path / "corrupt.st").write_bytes(b"\x13\x00\x00\x00\x00\x00\x00\x00{garbage")
     (tmp_path / "notes.txt").write_text("not an adapter")
     save_file({"model.embed_tokens.weight": torch.zeros(2, 2)}, str(tmp_path / "weights.safetensors"))
@@ -152,6 +154,14 @@ def test_force_overwrites(files):
     assert ao.load(files / "out.st").metadata["format"] == "peft"
 
 
+def test_info_and_convert_on_dora(files):
+    data = json.loads(ok("info", files / "dora.st", "--json").stdout)
+    assert data["dora"] is True and data["norm"] is None and all(row["norm"] is None for row in data["layers"])
+    assert "DoRA" in ok("info", files / "dora.st").stdout
+    ok("convert", files / "dora.st", "--to", "peft", "-o", files / "dora_peft")
+    assert ao.load(files / "dora_peft").is_dora
+
+
 def test_allow_nonfinite(files):
     data = json.loads(ok("info", files / "nan.st", "--allow-nonfinite", "--json").stdout)
     assert data["nonfinite_layers"] == [V] and data["norm"] is None
@@ -180,6 +190,8 @@ BAD = {
     "nan info": (["info", "{d}/nan.st"], "--allow-nonfinite"),
     "nan convert": (["convert", "{d}/nan.st", "--to", "peft", "-o", "{d}/out"], "NaN or Inf"),
     "nan compress allowed": (["compress", "{d}/nan.st", "--rank", "2", "-o", "{d}/out.st", "--allow-nonfinite"], "cannot compress layers holding NaN or Inf"),
+    "dora blend": (["blend", "{d}/a.st", "{d}/dora.st", "-o", "{d}/out.st"], "not defined for DoRA adapters"),
+    "dora compress": (["compress", "{d}/dora.st", "--rank", "1", "-o", "{d}/out.st"], "compress is not defined for DoRA"),
     "output exists": (["blend", "{d}/a.st", "{d}/b.st", "-o", "{d}/b.st"], "is also an input"),
     "output exists compress": (["compress", "{d}/a.st", "--rank", "1", "-o", "{d}/b.st"], "b.st already exists; pass --force"),
     "output exists convert": (["convert", "{d}/a.st", "--to", "native", "-o", "{d}/b.st"], "already exists; pass --force"),
@@ -275,3 +287,11 @@ def test_readme_try_it_commands_work(tmp_path):
             finally:
                 os.chdir(cwd)
     assert (tmp_path / "blend.st").is_file()
+
+
+def test_readme_algebra_snippet_runs(monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Adapters as values", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(ROOT)
+    exec(compile(code, "README.md", "exec"), {})

@@ -123,15 +123,22 @@ def test_merged_top_matches_dense_paper(seed, out, inn, r, big, dense):
     torch.testing.assert_close(left.T @ left, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-5)
 
 
-def test_base_svd_matches_lapack():
+@pytest.mark.parametrize("deficient", [False, True])
+def test_base_svd_matches_lapack(deficient):
     g = torch.Generator().manual_seed(3)
     for shape in [(40, 40), (60, 25), (25, 60)]:
         W = torch.randn(2, *shape, generator=g, dtype=torch.float64)
+        if deficient:  # rank 10: the thin U still has to be orthonormal
+            W = W[..., :10] @ torch.randn(2, 10, shape[1], generator=g, dtype=torch.float64)
         U, S = _intruders.base_svd(W)
         n = min(shape)
         assert U.shape == (2, shape[0], n) and S.shape == (2, n) and U.dtype == torch.float32
-        torch.testing.assert_close(S.double(), torch.linalg.svdvals(W), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close((U.double() * S.double()[:, None, :]) @ (U.double().mT @ W / S.double()[..., None]), W, rtol=0, atol=1e-5)
+        ref = torch.linalg.svdvals(W)
+        torch.testing.assert_close(S.double(), ref, rtol=1e-6, atol=1e-6 * float(ref.max()))  # zeros come out ~1e-8 s_1
+        k = 10 if deficient else n
+        Uk, Sk = U.double()[..., :k], S.double()[..., :k]
+        torch.testing.assert_close(Uk @ (Uk.mT @ W), W, rtol=0, atol=1e-5)  # U spans col(W)
+        torch.testing.assert_close(torch.linalg.vector_norm(W.mT @ Uk, dim=-2), Sk, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(U.double().mT @ U.double(), torch.eye(n, dtype=torch.float64).expand(2, n, n), rtol=0, atol=1e-6)
 
 
@@ -233,7 +240,7 @@ def test_agrees_with_dense_paper_on_smollm2(smollm2_dir, monkeypatch):
     ckpt = Checkpoint(smollm2_dir)
     g = torch.Generator().manual_seed(5)
     layers = {}
-    for name in ["model.layers.5.self_attn.q_proj", "model.layers.5.self_attn.k_proj", "model.layers.5.mlp.up_proj", "model.layers.5.mlp.down_proj"]:
+    for name in ["model.layers.5.self_attn.q_proj", "model.layers.5.self_attn.k_proj", "model.layers.5.mlp.up_proj"]:  # square, wide, tall
         out, inn = ckpt.shape(name + ".weight")
         W = ckpt.get(name + ".weight").float()
         A = torch.randn(8, inn, generator=g) / inn**0.5
@@ -521,3 +528,19 @@ def test_errors_are_clear():
         diagnose(dora)
     with pytest.raises(AdapterOpsError, match="no such file"):
         diagnose("does/not/exist.st")
+
+
+def test_nf4_base_is_diagnosed_in_its_dequantized_form(tmp_path):
+    from adapterops.quant.nf4 import dequantize_nf4, quantize_nf4, to_state_dict
+
+    W, layer, count = planted(96, 64)
+    q = quantize_nf4(W.to(torch.bfloat16), blocksize=64, double_quant=True)
+    base = write_base(tmp_path / "nf4", to_state_dict(q, "model.layers.0.mlp.up_proj.weight"))
+    assert Checkpoint(base).is_nf4()
+    adapter = Adapter({"model.layers.0.mlp.up_proj": layer})
+    quantized = diagnose(adapter, base, cache=tmp_path / "svd")
+    dense = diagnose(adapter, {"model.layers.0.mlp.up_proj.weight": dequantize_nf4(q).float()}, cache=False)
+    assert quantized.layers[0].intruders == dense.layers[0].intruders == count  # NF4 noise does not hide planted ones
+    assert quantized.layers[0].similarities == pytest.approx(dense.layers[0].similarities, abs=1e-6)
+    assert quantized.layers[0].base_norm == pytest.approx(dense.layers[0].base_norm, rel=1e-6)
+    assert diagnose(adapter, base, cache=tmp_path / "svd").summary.base_svds_cached == 1

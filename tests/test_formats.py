@@ -88,6 +88,17 @@ def test_peft_config_has_patterns_for_mixed_ranks_and_alphas(tmp_path):
     assert peft.pattern_key(config["rank_pattern"], "model.layers.11.self_attn.v_proj") is None
 
 
+def test_files_are_byte_reproducible(tmp_path):
+    a = mixed()
+    for fmt, name, inner in [("native", "x.st", ""), ("kohya", "x.safetensors", ""), ("peft", "x", "adapter_model.safetensors")]:
+        contents = set()
+        for i in range(4):
+            path = tmp_path / f"{i}" / name
+            a.save(path, format=fmt)
+            contents.add((path / inner).read_bytes() if inner else path.read_bytes())
+        assert len(contents) == 1, fmt
+
+
 def test_layers_load_in_model_order(tmp_path):
     names = [f"model.layers.{i}.self_attn.{m}" for i in (0, 1, 2, 10, 11) for m in ("q_proj", "v_proj")]
     a = Adapter({n: LoraLayer(torch.zeros(1, 2), torch.zeros(2, 1), 1) for n in reversed(names)})

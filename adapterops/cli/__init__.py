@@ -21,3 +21,5 @@ def main() -> None:
 from . import adapter_commands  # noqa: E402,F401  (registers commands)
 from . import merge_commands  # noqa: E402,F401  (registers commands)
 from . import diagnose_commands  # noqa: E402,F401  (registers commands)
+from . import quant_commands  # noqa: E402,F401  (registers commands)
+from . import train_commands  # noqa: E402,F401  (registers commands)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import click
-
 from pathlib import Path
+
+import click
 
 from ..adapter import blend as blend_adapters
 from ..errors import AdapterOpsError

@@ -15,6 +15,7 @@ from ._common import (
     device_option,
     emit,
     force_option,
+    is_tty,
     json_option,
     quiet_option,
     refuse_existing,
@@ -44,10 +45,10 @@ def diagnose(adapter, base, top_k, epsilon, plot, cache_dir, no_cache, limit, de
         refuse_existing(plot, force)
         require_matplotlib()
     source = load(adapter, allow_nonfinite=allow_nonfinite)
-    if base and not quiet:
-        status(f"diagnosing {len(source)} layers against {base} ...")
     cache = False if no_cache else cache_dir
-    report = diagnose_adapter(source, base, top_k=top_k, epsilon=epsilon, device=default_device(device), cache=cache)
+    report = diagnose_adapter(
+        source, base, top_k=top_k, epsilon=epsilon, device=default_device(device), cache=cache, progress=not quiet and is_tty()
+    )
     if plot:
         plot_diagnosis(report, plot, force=force)
         if not quiet:

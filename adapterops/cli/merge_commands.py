@@ -8,6 +8,7 @@ from ..extract import extract as extract_adapter
 from ..merge import merge as merge_checkpoint
 from ..merge import unmerge as unmerge_checkpoint
 from . import main
+from .quant_commands import retention_warning
 from ._common import (
     device_option,
     emit,
@@ -68,7 +69,11 @@ def _render_report(d: dict) -> str:
 def _run(fn, base, adapters, weights, output, device, dtype, force, quiet, as_json):
     refuse_existing(output, force)
     report = fn(base, list(adapters), output, weights=weights, device=device, dtype=dtype, progress=not quiet and is_tty(), force=force)
-    emit(report.to_dict(), as_json, _render_report)
+    data = report.to_dict()
+    note = retention_warning(data)  # NF4 bases: most of a small delta can round away
+    if note and not quiet:
+        status(note)
+    emit(data, as_json, _render_report)
 
 
 @main.command()

@@ -327,22 +327,32 @@ def dequantize_nf4_many(qs: Sequence[NF4Tensor], *, dtype: torch.dtype | None = 
     """
     if not qs:
         return []
-    device = qs[0].device
-    aligned = all(q.numel % q.blocksize == 0 and q.blocksize == qs[0].blocksize for q in qs)
-    if not aligned or len({q.device for q in qs}) > 1:
+    if not _joinable(qs):
         return [_dequantize_one(q, dtype) for q in qs]
-    codes = torch.cat([q.codes.reshape(-1) for q in qs]) if len(qs) > 1 else qs[0].codes.reshape(-1)
-    scales = [q.scales() for q in qs]
-    scale = torch.cat(scales) if len(qs) > 1 else scales[0]
-    values = _pair_table(device)[codes.int()].view(-1, qs[0].blocksize)  # (blocks, bs) float32
-    values.mul_(scale.unsqueeze(1))
-    flat = values.view(-1)
+    flat = _dequantize_flat(qs)
     out, pos = [], 0
     for q in qs:
         n = q.numel
         out.append(flat[pos : pos + n].view(q.shape).to(dtype or q.dtype))
         pos += n
     return out
+
+
+def _joinable(qs: Sequence[NF4Tensor]) -> bool:
+    """Whether the weights can be dequantized as one run of whole blocks."""
+    first = qs[0]
+    return all(q.numel % q.blocksize == 0 and q.blocksize == first.blocksize and q.device == first.device for q in qs)
+
+
+def _dequantize_flat(qs: Sequence[NF4Tensor]) -> torch.Tensor:
+    """The float32 products ``c[q_j] * absmax_b`` of all weights, back to back, ``(sum n,)``."""
+    if not _joinable(qs):
+        return torch.cat([_dequantize_one(q, torch.float32).reshape(-1) for q in qs])
+    codes = torch.cat([q.codes.reshape(-1) for q in qs]) if len(qs) > 1 else qs[0].codes.reshape(-1)
+    scales = [q.scales() for q in qs]
+    scale = torch.cat(scales) if len(qs) > 1 else scales[0]
+    values = _pair_table(qs[0].device)[codes.int()].view(-1, qs[0].blocksize)  # (blocks, bs) float32
+    return values.mul_(scale.unsqueeze(1)).view(-1)
 
 
 def _dequantize_one(q: NF4Tensor, dtype: torch.dtype | None) -> torch.Tensor:

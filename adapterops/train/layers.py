@@ -19,6 +19,7 @@ from torch import nn
 
 from ..adapter import LoraLayer, lora_scale
 from ..errors import AdapterOpsError
+from ..quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 __all__ = ["LoraLinear", "NF4Linear", "lora_dtype"]
 
@@ -34,53 +35,60 @@ def lora_dtype(base_dtype: torch.dtype) -> torch.dtype:
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4 (4 bits a weight, bitsandbytes layout).
 
-    ``forward(x) = x @ dequantize(W).T + bias``. Built by ``NF4Linear.from_linear``; the quantized
-    tensors are buffers, so ``.to(device)`` moves them and ``state_dict`` holds them.
+    ``forward(x) = x @ dequantize(W).T + bias``. The quantized tensors (``codes``, ``absmax`` and,
+    with double quantization, ``nested_absmax``, ``offset``, ``nested_code``) are buffers, so
+    ``.to(device)`` moves them and ``state_dict`` holds them. Build it with ``from_linear``.
     """
 
-    def __init__(self, quantized, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
-        super().__init__()
-        from ..quant import nf4
+    _TENSORS = ("codes", "absmax", "nested_absmax", "offset", "nested_code")
 
-        self._nf4 = nf4
-        self.out_features, self.in_features = (int(s) for s in quantized.shape)
-        self.dtype = dtype  # dtype of the dense weight it replaced, and of dequantize()
-        self._fields = list(nf4_tensors(quantized))
-        for name, tensor in nf4_tensors(quantized).items():
-            self.register_buffer(name, tensor)
-        self._static = quantized
+    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise AdapterOpsError(f"NF4Linear needs a 2-D weight, got shape {list(weight.shape)}")
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.dtype = weight.dtype  # of the dense weight it stands for, and the default of dequantize()
+        self.blocksize, self.nested_blocksize = weight.blocksize, weight.nested_blocksize
+        for name in self._TENSORS:
+            self.register_buffer(name, getattr(weight, name))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
-        from ..quant.nf4 import quantize_nf4
+        """Quantize ``linear``'s weight (on its device); the bias is kept as it is."""
+        weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(weight, linear.bias)
 
-        q = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls(q, linear.bias, linear.weight.dtype)
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the quantized tensors; dtype casts (``model.half()``) leave them
+        alone, as rounding a scale would change every weight of its block."""
+        before = {n: t for n in self._TENSORS if (t := getattr(self, n)) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
 
     @property
-    def quantized(self):
-        """The NF4 value this layer holds (its tensors are the layer's buffers)."""
-        return rebuild_nf4(self._static, {name: getattr(self, name) for name in self._fields})
+    def weight_nf4(self) -> NF4Tensor:
+        """The NF4 value this layer holds (sharing the layer's buffers)."""
+        return NF4Tensor(
+            self.codes, self.absmax, (self.out_features, self.in_features), self.dtype, self.blocksize,
+            self.nested_absmax, self.offset, self.nested_code, self.nested_blocksize,
+        )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight (out, in) in ``dtype`` (default: the dtype it was quantized from)."""
-        return self._nf4.dequantize_nf4(self.quantized).to(dtype or self.dtype)
+        return dequantize_nf4(self.weight_nf4, dtype=dtype or self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        dtype = _compute_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.dequantize(dtype), bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4"
-
-
-def nf4_tensors(quantized) -> dict[str, torch.Tensor]:  # placeholder until the NF4 value is known
-    raise NotImplementedError
-
-
-def rebuild_nf4(template, tensors: dict[str, torch.Tensor]):  # placeholder until the NF4 value is known
-    raise NotImplementedError
 
 
 class LoraLinear(nn.Module):

@@ -1,0 +1,236 @@
+"""train_lora on tiny models: reproducible, resumes exactly, the schedule, LoRA+, accumulation,
+evaluation, gradient checkpointing, checkpoints that are safetensors + JSON only."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from adapterops.errors import AdapterOpsError, FormatError
+from adapterops.train import IGNORE, add_lora, evaluate, lr_at, train_lora
+
+transformers = pytest.importorskip("transformers")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+VOCAB = 64
+TAIL = [5, 17, 33, 2]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread beats two (no barrier waits), on a shared machine by far."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
+    )
+    return transformers.LlamaForCausalLM(config).to(device)
+
+
+def dataset(n=24, seed=0):
+    """A random prefix, then always the same four tokens; the loss is on those four."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        prefix = torch.randint(0, VOCAB, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+        rows.append({"input_ids": prefix + TAIL, "labels": [IGNORE] * len(prefix) + TAIL})
+    return rows
+
+
+def run(device="cpu", steps=8, **kwargs):
+    model = tiny_llama(device=device)
+    add_lora(model, rank=4, alpha=8, dropout=0.1, seed=1)
+    options = dict(lr=5e-3, batch_size=4, steps=steps, seed=2, warmup=2)
+    options.update(kwargs)
+    return model, train_lora(model, dataset(), **options)
+
+
+def test_lr_schedule_is_linear_warmup_then_cosine():
+    assert [lr_at(s, 10, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, 10, 4) == 1.0
+    assert lr_at(7, 10, 4) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    assert lr_at(0, 1, 0) == 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_runs_give_the_same_losses(device):
+    _, a = run(device)
+    _, b = run(device)
+    assert a.losses == b.losses and len(a.losses) == 8
+    assert all(torch.equal(a.adapter[n].A, b.adapter[n].A) for n in a.adapter)
+    _, c = run(device, seed=3)
+    assert c.losses != a.losses
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_continues_exactly(tmp_path, device, grad_accum):
+    _, whole = run(device, steps=9, grad_accum=grad_accum)
+    _, first = run(device, steps=9, grad_accum=grad_accum, checkpoint_dir=tmp_path, save_every=2,
+                   callback=lambda info: info["step"] < 5)
+    assert first.losses == whole.losses[:5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step-{s:08d}" for s in (2, 4, 5)]
+    for saved in tmp_path.iterdir():  # only safetensors and JSON
+        assert sorted(f.name for f in saved.iterdir()) == ["lora.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    model = tiny_llama(device=device)
+    add_lora(model, rank=4, alpha=8, dropout=0.1, seed=99)  # a different init: the checkpoint replaces it
+    resumed = train_lora(model, dataset(), lr=5e-3, batch_size=4, steps=9, seed=2, warmup=2, grad_accum=grad_accum,
+                         resume_from=tmp_path / "step-00000004")
+    assert resumed.resumed_from == 4 and resumed.steps == 9
+    assert resumed.losses == whole.losses
+    assert all(torch.equal(resumed.adapter[n].B, whole.adapter[n].B) for n in whole.adapter)
+
+
+def test_resume_from_the_parent_directory_takes_the_latest(tmp_path):
+    run(steps=4, checkpoint_dir=tmp_path, save_every=1, callback=lambda info: info["step"] < 3)
+    model = tiny_llama()
+    add_lora(model, rank=4, alpha=8, dropout=0.1)
+    result = train_lora(model, dataset(), lr=5e-3, batch_size=4, steps=4, seed=2, warmup=2, resume_from=tmp_path)
+    assert result.resumed_from == 3
+
+
+def test_resume_with_other_settings_or_layers_is_refused(tmp_path):
+    run(steps=3, checkpoint_dir=tmp_path)
+    model = tiny_llama()
+    add_lora(model, rank=4, alpha=8, dropout=0.1)
+    with pytest.raises(AdapterOpsError, match=re.escape("changed settings (lr 0.005 -> 0.001)")):
+        train_lora(model, dataset(), lr=1e-3, batch_size=4, steps=3, seed=2, warmup=2, resume_from=tmp_path)
+    other = tiny_llama()
+    add_lora(other, targets=["q_proj"], rank=4, alpha=8)
+    with pytest.raises(FormatError, match="LoRA layers differ from the model's"):
+        train_lora(other, dataset(), lr=5e-3, batch_size=4, steps=3, seed=2, warmup=2, resume_from=tmp_path)
+    with pytest.raises(FormatError, match="no checkpoint in it"):
+        train_lora(other, dataset(), resume_from=tmp_path / "step-00000003" / ".." / "..")
+
+
+def test_loss_falls_and_eval_is_reported():
+    model = tiny_llama().eval()
+    add_lora(model, rank=8, seed=0)
+    data = dataset(32)
+    before = evaluate(model, data[24:])
+    result = train_lora(model, data[:24], data[24:], lr=2e-2, batch_size=8, steps=30, eval_every=10, seed=0)
+    assert [s for s, _ in result.eval_losses] == [10, 20, 30]
+    assert result.eval_loss < 0.3 * before and result.final_loss < 0.3 * result.losses[0]
+    assert result.eval_loss == pytest.approx(evaluate(model, data[24:]), rel=1e-6)
+    assert result.tokens == sum(len(e["input_ids"]) for e in data[:24]) * 10  # 3 batches an epoch, 10 epochs
+    assert result.tokens_per_second > 0
+    assert not model.training  # trained in train mode, handed back in eval mode as it came
+
+
+def test_evaluate_is_the_token_weighted_mean():
+    model = tiny_llama().eval()
+    add_lora(model, rank=2)
+    data = dataset(5)
+    total, count = 0.0, 0
+    for e in data:
+        with torch.no_grad():
+            logits = model(torch.tensor([e["input_ids"]])).logits[0, :-1]
+        labels = torch.tensor(e["labels"][1:])
+        total += float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum"))
+        count += int((labels != IGNORE).sum())
+    assert evaluate(model, data, batch_size=2) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    def nodrop(**kw):  # (dropout masks would differ between the two layouts)
+        model = tiny_llama()
+        add_lora(model, rank=4, alpha=8, seed=1)
+        return train_lora(model, dataset(), lr=5e-3, steps=4, seed=2, **kw)
+    a, b = nodrop(batch_size=4, grad_accum=1), nodrop(batch_size=2, grad_accum=2)
+    assert b.losses == pytest.approx(a.losses, rel=1e-4)
+    for n in a.adapter:
+        torch.testing.assert_close(b.adapter[n].B, a.adapter[n].B, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [None, 16.0])
+def test_lora_plus_trains_b_at_lr_times_ratio(ratio):
+    model = tiny_llama()
+    add_lora(model, rank=4, seed=0)
+    result = train_lora(model, dataset(), lr=1e-3, lr_ratio=ratio, steps=1, batch_size=4, max_grad_norm=None)
+    # Adam's first step moves every parameter with a non-zero gradient by lr; A's gradient is 0 (B = 0).
+    for layer in result.adapter.values():
+        assert layer.B.abs().max().item() == pytest.approx(1e-3 * (ratio or 1.0), rel=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_is_turned_off_after():
+    def go(gc):
+        model = tiny_llama()
+        add_lora(model, rank=4, seed=1)
+        return model, train_lora(model, dataset(), lr=5e-3, steps=3, batch_size=4, gradient_checkpointing=gc)
+    model, with_gc = go(True)
+    _, without = go(False)
+    assert with_gc.losses == pytest.approx(without.losses, rel=1e-5)
+    assert not model.is_gradient_checkpointing
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, VOCAB)
+
+    def forward(self, ids):  # a bigram model: no attention mask, returns logits
+        return self.head(self.mlp(self.embed(ids)))
+
+
+def test_any_module_that_maps_ids_to_logits_trains():
+    model = Toy()
+    add_lora(model, targets=["mlp.0", "mlp.2", "head"], rank=8, seed=0)
+    result = train_lora(model, dataset(), lr=2e-2, steps=20, batch_size=8)
+    assert result.final_loss < 0.7 * result.losses[0]
+    with pytest.raises(AdapterOpsError, match="has no gradient_checkpointing_enable"):
+        train_lora(model, dataset(), steps=1, gradient_checkpointing=True)
+
+
+def test_jsonl_paths_need_a_tokenizer(tmp_path, smollm2_dir):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"Q{i}:", "completion": f" A{i}"}) for i in range(4)), encoding="utf-8")
+    model = tiny_llama()
+    model.resize_token_embeddings(49152)
+    add_lora(model, targets=["q_proj"], rank=2)
+    with pytest.raises(AdapterOpsError, match="pass tokenizer="):
+        train_lora(model, path, steps=1)
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    result = train_lora(model, path, path, tokenizer=tok, steps=2, batch_size=2, max_len=16)
+    assert result.steps == 2 and result.eval_loss is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"lr": 0}, "lr must be positive"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"batch_size": 0, "grad_accum": 0}, "batch_size must be a positive integer, got 0; grad_accum must be"),
+        ({"warmup": 1.5}, "warmup must be a step count"),
+        ({"save_every": 2}, "save_every needs checkpoint_dir"),
+        ({"lr_ratio": -1.0}, "lr_ratio must be positive"),
+    ],
+)
+def test_bad_settings_are_reported_together(kwargs, words):
+    model = tiny_llama()
+    add_lora(model, rank=2)
+    with pytest.raises(AdapterOpsError, match=re.escape(words)):
+        train_lora(model, dataset(), **kwargs)
+
+
+def test_a_model_without_lora_or_data_is_refused():
+    with pytest.raises(AdapterOpsError, match="call adapterops.train.add_lora"):
+        train_lora(tiny_llama(), dataset())
+    model = tiny_llama()
+    add_lora(model, rank=2)
+    with pytest.raises(AdapterOpsError, match="train_data is empty"):
+        train_lora(model, [])
+    with pytest.raises(AdapterOpsError, match=re.escape("train_data[0] must be a dict")):
+        train_lora(model, [{"input_ids": [1]}])
