@@ -6,6 +6,7 @@ from .errors import AdapterOpsError
 from .extract import extract
 from .formats import load, save
 from .merge import merge, unmerge
+from .quant import dequantize_nf4, quantize_checkpoint, quantize_nf4
 
 __version__ = "0.1.0"
 
@@ -16,12 +17,15 @@ __all__ = [
     "blend",
     "compare",
     "cosine",
+    "dequantize_nf4",
     "diagnose",
     "extract",
     "interpolate",
     "load",
     "lora_scale",
     "merge",
+    "quantize_checkpoint",
+    "quantize_nf4",
     "reduce_intruders",
     "save",
     "unmerge",

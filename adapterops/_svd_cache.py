@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from . import _intruders
 from ._files import atomic_output
 from .checkpoint import NF4_STATE_SUFFIX, Checkpoint, Target, match_layers
-from .errors import FormatError
+from .errors import FormatError, NonFiniteError
 
 __all__ = ["CACHE_ENV", "default_cache_dir", "SvdCache", "BaseWeights", "BaseChunk", "base_svd_chunks"]
 
@@ -162,6 +162,8 @@ class BaseWeights:
             weight = parts[0][1] if len(parts) == 1 else _dequantize_nf4(target.tensor, dict(zip(names, (p[1] for p in parts))))
         key = content_key(parts, transposed=target.transposed)
         weight = weight.to(torch.float32)
+        if not bool(torch.isfinite(weight).all()):
+            raise NonFiniteError(f"{self.source}: base weight {target.tensor} holds NaN or Inf; its SVD is undefined")
         return (weight.T if target.transposed else weight).contiguous(), key
 
 

@@ -28,7 +28,7 @@ from ._progress import Progress
 from ._svd_cache import BaseWeights, SvdCache, base_svd_chunks
 from .adapter import Adapter, LoraLayer
 from .checkpoint import Checkpoint
-from .errors import AdapterOpsError, NonFiniteError, ShapeMismatchError
+from .errors import AdapterOpsError, NonFiniteError, ShapeMismatchError, UnsupportedOperationError
 
 __all__ = [
     "diagnose",
@@ -296,7 +296,7 @@ def reduce_intruders(
     if not 0.0 <= scale <= 1.0:
         raise AdapterOpsError(f"scale must be in [0, 1] (the fraction of each intruder direction kept), got {scale}")
     dev = _device(device)
-    _spectra(adapter, dev)  # refuses DoRA and NaN/Inf up front
+    _check_adapter(adapter)
     weights = BaseWeights(base)
     targets = weights.match({n: layer.shape for n, layer in adapter.items()})
     layers: dict[str, LoraLayer] = dict(adapter.items())
@@ -341,9 +341,7 @@ def _merged(
 
 def _spectra(adapter: Adapter, device: torch.device) -> dict[str, dict[str, Any]]:
     """The base-free numbers of every layer, from ``Adapter.svd`` (batched by shape on ``device``)."""
-    bad = adapter.nonfinite_layers()
-    if bad:
-        raise NonFiniteError(f"cannot diagnose layers holding NaN or Inf ({len(bad)}, e.g. {bad[0]}): their spectra are undefined")
+    _check_adapter(adapter)
     svd = adapter.svd(device=device)
     result = {}
     for name, layer in adapter.items():
@@ -537,6 +535,18 @@ def _as_adapter(value: AdapterLike) -> Adapter:
     from .formats import load
 
     return load(value)
+
+
+def _check_adapter(adapter: Adapter) -> None:
+    dora = [n for n, layer in adapter.items() if layer.is_dora]
+    if dora:
+        raise UnsupportedOperationError(
+            f"DoRA adapters cannot be diagnosed from their factors: the update rescales each row of W + BA by a learned "
+            f"magnitude ({len(dora)} DoRA layers, e.g. {dora[0]}); merge it into its base and extract a LoRA instead"
+        )
+    bad = adapter.nonfinite_layers()
+    if bad:
+        raise NonFiniteError(f"cannot diagnose layers holding NaN or Inf ({len(bad)}, e.g. {bad[0]}): their spectra are undefined")
 
 
 def _check_options(top_k: int, epsilon: float) -> None:

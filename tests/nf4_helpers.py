@@ -65,32 +65,38 @@ def dense_state_dict(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
     return out
 
 
-def dense_model_from(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
-    """The model of ``path``'s config without quantization, holding ``tensors`` dequantized."""
+def dense_model_from(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, **overrides):
+    """The model of ``path``'s config without quantization, holding ``tensors`` dequantized.
+
+    ``overrides`` change the config (``num_hidden_layers=4`` builds the first four layers only).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, **overrides)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    missing, unexpected = model.load_state_dict(dense_state_dict(tensors, dtype), strict=False)
+    wanted = set(model.state_dict())
+    needed = {k: v for k, v in tensors.items() if k in wanted or k.split(".weight.")[0] + ".weight" in wanted}
+    missing, unexpected = model.load_state_dict(dense_state_dict(needed, dtype), strict=False)
     assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
     if missing:
         model.tie_weights()
     return model
 
 
-def load_4bit(path: Path, float32: bool = True):
+def load_4bit(path: Path, float32: bool = True, **overrides):
     """``from_pretrained`` of an NF4 checkpoint through transformers + bitsandbytes.
 
     ``float32``: compute in float32 on bitsandbytes' reference path (dequantize, then a plain
     linear), so logits can be compared tightly with ``dense_model_from``; the default bfloat16 path
-    on CPUs with AVX512-BF16 uses a repacked kernel that rounds differently.
+    on CPUs with AVX512-BF16 uses a repacked kernel that rounds differently. ``overrides`` change
+    the config, as in ``dense_model_from``.
     """
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu").eval()
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", **overrides).eval()
     if float32:
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):

@@ -37,6 +37,8 @@ def files(tmp_path):
     adapter(1, scale=3.0).save(tmp_path / "a.st")
     adapter(2).save(tmp_path / "b.st")
     (-1 * adapter(1, scale=3.0)).save(tmp_path / "neg_a.st")
+    nan = adapter(4)
+    Adapter({**nan, Q: LoraLayer(nan[Q].A, nan[Q].B * float("nan"), 4.0)}).save(tmp_path / "nan.st")
     adapter(3, v_out=8).save(tmp_path / "other_model.st")
     return tmp_path
 
@@ -99,6 +101,8 @@ def test_diagnose_errors(files):
     fails("diagnose", files / "missing.st", match="missing.st: no such file or directory")
     fails("diagnose", files / "other_model.st", "--base", files / "base", match="shape mismatch")
     fails("diagnose", files / "a.st", "--base", files / "nowhere", match="nowhere")
+    fails("diagnose", files / "nan.st", match="NaN or Inf")
+    fails("diagnose", files / "nan.st", "--allow-nonfinite", match="cannot diagnose layers holding NaN or Inf")
     result = run("diagnose", files / "a.st", "--top-k", "0")
     assert result.exit_code == 2 and "--top-k" in result.stderr
 

@@ -518,6 +518,8 @@ def test_errors_are_clear():
         diagnose(adapter, {"x.weight": torch.zeros(9, 8)}, cache=False)
     with pytest.raises(BaseMismatchError, match="no weight in the base"):
         diagnose(adapter, {"other.weight": torch.zeros(10, 8)}, cache=False)
+    with pytest.raises(NonFiniteError, match="base weight x.weight"):
+        diagnose(adapter, {"x.weight": torch.full((10, 8), float("inf"))}, cache=False)
     with pytest.raises(AdapterOpsError, match="scale"):
         reduce_intruders(adapter, {"x.weight": torch.zeros(10, 8)}, scale=1.5)
     bad = Adapter({"x": LoraLayer(torch.full((2, 8), float("nan")), torch.ones(10, 2), 2.0)})

@@ -165,13 +165,13 @@ def test_ties_go_to_the_lower_code():
     n=st.integers(1, 700),
     scale=st.sampled_from([1e-3, 0.02, 1.0, 300.0]),
     dtype=st.sampled_from(DTYPES),
-    zero_block=st.booleans(),
+    zero_block=st.sampled_from([None, 0.0, -0.0]),
     seed=st.integers(0, 2**16),
 )
 def test_random_sizes_and_scales_equal_bitsandbytes(n, scale, dtype, zero_block, seed):
     w = weight((n,), torch.float32, seed=seed, std=scale)
-    if zero_block:
-        w[: min(n, 64)] = 0.0  # an all-zero block: absmax 0, every code that of 0.0
+    if zero_block is not None:
+        w[: min(n, 64)] = zero_block  # an all-zero block: absmax +0.0, every code that of 0.0
     w = w.to(dtype)
     packed, state = bnb_quantize(w)
     q = quantize_nf4(w, double_quant=False)
@@ -234,6 +234,17 @@ def test_state_dict_equals_what_linear4bit_saves():
                      "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": state["nested_offset"]}
     plain = to_state_dict(quantize_nf4(w, double_quant=False), "weight")
     assert set(plain) == {"weight", "weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4"}
+
+
+def test_state_dicts_of_many_weights_save_with_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    qs = quantize_nf4_many([weight((64, 64), torch.bfloat16, s) for s in range(3)])
+    entries = {k: v for i, q in enumerate(qs) for k, v in to_state_dict(q, f"l{i}.weight").items()}
+    save_file(entries, tmp_path / "w.safetensors")  # no tensor shares memory with another
+    loaded = load_file(tmp_path / "w.safetensors")
+    for i, q in enumerate(qs):
+        assert torch.equal(dequantize_nf4(from_state_dict(loaded, f"l{i}.weight")), dequantize_nf4(q))
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

@@ -281,3 +281,14 @@ def test_peft_loads_the_saved_adapter_to_the_same_logits(tmp_path, rslora):
     ids = torch.randint(0, 96, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_after_pissa_gives_the_wrapped_model():
+    model = tiny_llama()
+    handle = add_lora(model, rank=4, init="pissa")
+    randomize(handle)
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        wrapped = model(ids).logits
+        handle.merge()
+        torch.testing.assert_close(model(ids).logits, wrapped, rtol=1e-5, atol=1e-5)

@@ -95,6 +95,7 @@ DYNAMIC_CODE = _dynamic_map()
 _DYNAMIC_MID = (DYNAMIC_CODE[:-1].double() + DYNAMIC_CODE[1:].double()) / 2  # exact midpoints
 _BYTE = torch.arange(256)
 _TABLES = {
+    "nf4": NF4_CODE,
     "nf4_mid": _NF4_MID,
     "dynamic": DYNAMIC_CODE,
     "dynamic_mid": _DYNAMIC_MID,
@@ -228,7 +229,7 @@ def _quantize_runs(
     else:
         x = None
     if x is not None:
-        absmax = x.abs().amax(dim=1)  # (blocks,)
+        absmax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_()).abs_()  # (blocks,): max |x| without an |x| copy; +0.0, never -0.0
         scaled = torch.clamp(x * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)  # (blocks, bs)
         q = _nf4_index(scaled.view(-1))
         del scaled
@@ -351,13 +352,13 @@ def _dequantize_flat(qs: Sequence[NF4Tensor]) -> torch.Tensor:
     codes = torch.cat([q.codes.reshape(-1) for q in qs]) if len(qs) > 1 else qs[0].codes.reshape(-1)
     scales = [q.scales() for q in qs]
     scale = torch.cat(scales) if len(qs) > 1 else scales[0]
-    values = _pair_table(qs[0].device)[codes.int()].view(-1, qs[0].blocksize)  # (blocks, bs) float32
+    values = torch.index_select(_pair_table(qs[0].device), 0, codes.int()).view(-1, qs[0].blocksize)  # (blocks, bs) float32
     return values.mul_(scale.unsqueeze(1)).view(-1)
 
 
 def _dequantize_one(q: NF4Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     n = q.numel
-    values = _pair_table(q.device)[q.codes.reshape(-1).int()].view(-1)[:n]
+    values = torch.index_select(_pair_table(q.device), 0, q.codes.reshape(-1).int()).view(-1)[:n]
     return _expand(values, q.scales(), q.blocksize).view(q.shape).to(dtype or q.dtype)
 
 
@@ -390,11 +391,11 @@ def to_state_dict(q: NF4Tensor, name: str) -> dict[str, torch.Tensor]:
     out = {
         name: q.codes.reshape(-1, 1),
         f"{name}.absmax": q.absmax,
-        f"{name}.quant_map": NF4_CODE.to(device),
+        f"{name}.quant_map": _on(device, "nf4").clone(),  # own copies: safetensors refuses shared tensors
     }
     if q.double_quant:
         out[f"{name}.nested_absmax"] = q.nested_absmax
-        out[f"{name}.nested_quant_map"] = (q.nested_code if q.nested_code is not None else DYNAMIC_CODE).to(device)
+        out[f"{name}.nested_quant_map"] = (q.nested_code if q.nested_code is not None else _on(device, "dynamic")).clone()
     text = json.dumps(_state_json(q)).encode("utf-8")
     out[f"{name}.quant_state.bitsandbytes__nf4"] = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(device)
     return out
@@ -428,7 +429,7 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], name: str) -> NF4Tensor
     if codes.dtype != torch.uint8 or codes.numel() != (n + 1) // 2 or absmax.numel() != blocks:
         raise FormatError(f"{name}: {codes.numel()} code bytes and {absmax.numel()} scales do not fit shape {list(shape)} with blocksize {blocksize}")
     quant_map = tensors.get(f"{name}.quant_map")
-    if quant_map is not None and not torch.equal(quant_map.detach().cpu().float(), NF4_CODE):
+    if quant_map is not None and not torch.equal(quant_map.detach().float(), _on(quant_map.device, "nf4")):
         raise FormatError(f"{name}: quant_map is not the NF4 table")
     if "nested_offset" not in state:
         if absmax.dtype != torch.float32:

@@ -21,7 +21,7 @@ from ..adapter import LoraLayer, lora_scale
 from ..errors import AdapterOpsError
 from ..quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
-__all__ = ["LoraLinear", "NF4Linear", "lora_dtype"]
+__all__ = ["LoraLinear", "NF4Linear", "lora_dtype", "autocast_dtype"]
 
 
 def lora_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -221,12 +221,24 @@ class _LoraLinearFn(torch.autograd.Function):
         return dx, dh, dW, db, dA, dB, None, None
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on ``device_type``, or None when autocast is off."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    if not enabled:
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The autocast dtype when autocast is on for ``x``'s device, else ``x``'s own dtype."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and x.is_floating_point():
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+    dtype = autocast_dtype(x.device.type) if x.is_floating_point() else None
+    return dtype or x.dtype
 
 
 def _device_of(module: nn.Module) -> torch.device:

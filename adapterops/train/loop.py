@@ -10,7 +10,6 @@ LoRA+ (Hayou et al. 2024): the B factors train at ``lr * lr_ratio``.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import sys
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..adapter import Adapter
@@ -29,6 +27,7 @@ from ..errors import AdapterOpsError
 from . import checkpoint as ckpt
 from .data import IGNORE, collate, load_jsonl
 from .inject import lora_adapter, lora_modules
+from .loss import loss_fn
 
 __all__ = ["TrainResult", "train_lora", "lr_at", "evaluate"]
 
@@ -108,6 +107,7 @@ def train_lora(
     resume_from: str | os.PathLike | None = None,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
     progress: bool = False,
+    fused_loss: bool | None = None,
     tokenizer: Any = None,
     max_len: int | None = None,
     packing: bool = False,
@@ -122,7 +122,9 @@ def train_lora(
     (and at the end) the eval loss is measured. ``checkpoint_dir`` gets a checkpoint every
     ``save_every`` steps and at the end; ``resume_from`` continues such a run exactly, given the
     same model, data and settings. ``callback(info)`` runs after every step; returning False
-    stops the run. Seeded: the same seed gives the same losses.
+    stops the run. Seeded: the same seed gives the same losses. ``fused_loss`` (default: where
+    supported) computes the output head and the loss chunk by chunk, never holding all logits
+    (see ``adapterops.train.loss``).
     """
     modules = lora_modules(model)
     if not modules:
@@ -169,7 +171,7 @@ def train_lora(
     else:
         torch.manual_seed(seed)
 
-    forward = _forward_fn(model)
+    compute_loss = loss_fn(model, fused=fused_loss)
     was_training = model.training
     restore_checkpointing = _enable_checkpointing(model) if gradient_checkpointing else None
     bar = _Progress(total, enabled=progress)
@@ -183,29 +185,28 @@ def train_lora(
                 group["lr"] = group["base_lr"] * scale
             batches = [stream[step * grad_accum + i] for i in range(grad_accum)]
             n_trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-            step_loss = 0.0
+            tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+            step_loss = torch.zeros((), device=device)
             for batch in batches:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast():
-                    loss_sum = _loss_sum(forward(batch), batch["labels"])
-                loss = loss_sum / max(n_trained, 1)
+                    loss = compute_loss(batch, 1.0 / max(n_trained, 1))
                 loss.backward()
-                step_loss += float(loss.detach())
-                tokens += int(batch["attention_mask"].sum())
+                step_loss += loss.detach().float()
             grad_norm = None
             if max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(a_params + b_params, max_grad_norm))
+                grad_norm = torch.nn.utils.clip_grad_norm_(a_params + b_params, max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            step_loss = float(step_loss)  # the one wait for the device in a step
+            grad_norm = None if grad_norm is None else float(grad_norm)
             seconds += time.perf_counter() - t0
             losses.append(step_loss)
             done = step + 1
             info = {"step": done, "total_steps": total, "loss": step_loss, "lr": lr * scale, "grad_norm": grad_norm,
                     "tokens_per_second": tokens / seconds if seconds else 0.0}
             if evals is not None and ((eval_every and done % eval_every == 0) or done == total):
-                info["eval_loss"] = evaluate(model, evals, batch_size=batch_size, bf16=use_bf16, pad_id=pad_id, _forward=forward)
+                info["eval_loss"] = evaluate(model, evals, batch_size=batch_size, bf16=use_bf16, pad_id=pad_id, fused_loss=fused_loss)
                 eval_losses.append((done, info["eval_loss"]))
             bar.update(info)
             stop = callback is not None and callback(info) is False
@@ -237,10 +238,10 @@ def evaluate(
     batch_size: int = 8,
     bf16: bool = False,
     pad_id: int = 0,
-    _forward: Callable | None = None,
+    fused_loss: bool | None = None,
 ) -> float:
     """Mean next-token cross entropy over every trained token of ``data`` (model in eval mode)."""
-    forward = _forward or _forward_fn(model)
+    compute_loss = loss_fn(model, fused=fused_loss)
     device = next(p for p in model.parameters()).device
     was_training = model.training
     model.eval()
@@ -250,28 +251,11 @@ def evaluate(
             for i in range(0, len(data), batch_size):
                 batch = {k: v.to(device) for k, v in collate(data[i : i + batch_size], pad_id).items()}
                 with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-                    total += float(_loss_sum(forward(batch), batch["labels"]))
+                    total += float(compute_loss(batch, 1.0))
                 count += int((batch["labels"][:, 1:] != IGNORE).sum())
     finally:
         model.train(was_training)
     return total / max(count, 1)
-
-
-def _loss_sum(output: Any, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross entropy of predicting ``labels[:, t]`` from ``logits[:, t - 1]`` (float32)."""
-    logits = output if isinstance(output, torch.Tensor) else output.logits  # (B, T, V)
-    logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B (T-1), V)
-    return F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
-
-
-def _forward_fn(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], Any]:
-    """``model(input_ids=, attention_mask=, use_cache=False)`` for Hugging Face style models,
-    ``model(input_ids)`` for any other."""
-    params = inspect.signature(model.forward).parameters
-    if "attention_mask" in params:
-        extra = {"use_cache": False} if "use_cache" in params else {}
-        return lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **extra)
-    return lambda b: model(b["input_ids"])
 
 
 class _Batches:

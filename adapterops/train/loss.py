@@ -1,0 +1,137 @@
+"""Next-token cross entropy, and a fused output-head + cross-entropy that never holds all logits.
+
+The plain path computes ``logits = model(...)`` (B, T, V), upcasts them to float32 and takes the
+cross entropy: for a 32k vocabulary and 8 x 1024 tokens that is about 3 GB of logits, their float32
+copy, log-probabilities and gradients, often the largest allocation of a LoRA run.
+
+The fused path (Hugging Face causal LMs whose logits are exactly ``lm_head(hidden)``, with a frozen
+head) runs the decoder for the hidden states, then walks over chunks of tokens: logits of the chunk
+(float32), their loss, and right there the gradient of the hidden states,
+``dL/dh = scale * (softmax(logits) - onehot(label)) @ W`` (the head is frozen, so nothing else is
+needed). Backward then only scales the stored (N, H) gradient. Same arithmetic as the plain path;
+peak memory of one chunk instead of the whole batch's logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE
+from .layers import autocast_dtype
+
+__all__ = ["loss_fn", "fused_head_supported", "shifted_labels"]
+
+# Decoders whose causal-LM forward is ``lm_head(decoder(...).last_hidden_state)`` and nothing else.
+_PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "smollm3"}
+_CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``labels[:, t + 1]`` at position ``t`` (IGNORE at the end): what logits[:, t] predicts. (B, T)"""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+def fused_head_supported(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal LM the fused head + loss reproduces exactly."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in _PLAIN_HEAD_MODELS or not type(model).__name__.endswith("ForCausalLM"):
+        return False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad or not isinstance(decoder, nn.Module):
+        return False
+    return not (head._forward_hooks or head._forward_pre_hooks)
+
+
+def loss_fn(model: nn.Module, *, fused: bool | None = None) -> Callable[[dict[str, torch.Tensor], float], torch.Tensor]:
+    """``f(batch, scale) -> scale * summed cross entropy`` over the trained tokens of ``batch``.
+
+    ``fused``: None picks the fused head when ``fused_head_supported(model)``.
+    """
+    if fused is None:
+        fused = fused_head_supported(model)
+    forward = _forward_fn(model)
+    if not fused:
+        def plain(batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+            out = forward(batch)
+            logits = out if isinstance(out, torch.Tensor) else out.logits  # (B, T, V)
+            labels = shifted_labels(batch["labels"]).reshape(-1)  # (B T,)
+            logits = logits.reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(logits.to(_at_least_float32(logits.dtype)), labels, ignore_index=IGNORE, reduction="sum")
+            return loss * scale
+        return plain
+
+    decoder = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+
+    def fused_loss(batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        labels = shifted_labels(batch["labels"]).reshape(-1)  # (B T,)
+        return _HeadCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, scale)
+
+    return fused_loss
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _forward_fn(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], Any]:
+    """``model(input_ids=, attention_mask=, use_cache=False)`` for Hugging Face style models,
+    ``model(input_ids)`` for any other."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    if "attention_mask" in params:
+        extra = {"use_cache": False} if "use_cache" in params else {}
+        return lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **extra)
+    return lambda b: model(b["input_ids"])
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """``scale * sum_t CE(h_t @ W.T, y_t)`` over tokens with ``y_t != IGNORE``, chunk by chunk.
+
+    h (N, H), W (V, H) frozen, y (N,). Per chunk: logits = h_c @ W.T in the compute dtype, then
+    float32 (or wider); lse = logsumexp(logits); loss += lse - logits[y]; dL/dh_c = scale * (exp(logits - lse)
+    - onehot(y)) @ W, stored for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, scale):
+        dtype = autocast_dtype(hidden.device.type) or hidden.dtype
+        h = hidden.to(dtype)
+        W = weight.to(dtype)
+        n, vocab = h.shape[0], W.shape[0]
+        chunk = max(1, min(n, _CHUNK_BYTES // (4 * vocab)))
+        need_grad = hidden.requires_grad
+        grad = torch.empty_like(h) if need_grad else None
+        acc = _at_least_float32(dtype)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for s in range(0, n, chunk):
+            y = labels[s : s + chunk]
+            valid = y != IGNORE  # (c,)
+            logits = torch.mm(h[s : s + chunk], W.t()).to(acc)  # (c, H) @ (H, V) -> (c, V)
+            lse = torch.logsumexp(logits, dim=1)  # (c,)
+            target = y.clamp(min=0)
+            picked = logits.gather(1, target[:, None]).squeeze(1)  # (c,)
+            total += ((lse - picked) * valid).sum()
+            if need_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(y), device=y.device), target] -= 1.0
+                probs.mul_((valid.to(probs.dtype) * scale)[:, None])
+                grad[s : s + chunk] = torch.mm(probs.to(dtype), W)  # (c, V) @ (V, H) -> (c, H)
+        ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None
+        return (grad * grad_output.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None
