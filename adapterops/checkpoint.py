@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -372,11 +371,6 @@ def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, nbytes: in
             raise FormatError("a source file was truncated while copying")
         _write_all(dst, memoryview(data), dst_offset + done)
         done += len(data)
-
-
-def copy_side_file(src: Path, dst_dir: Path) -> None:
-    """Copy one config/tokenizer file (following Hub-cache symlinks to their blobs)."""
-    shutil.copyfile(src, dst_dir / src.name)
 
 
 @dataclass(frozen=True)

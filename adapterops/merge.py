@@ -32,7 +32,8 @@ on its own CUDA stream), the caller's thread (computes on a compute stream, then
 pinned host memory on a third stream), and a writer (appends bytes to the output shard). Bounded
 queues keep a few tensors in flight, never a shard. Jobs with equal, non-None ``key`` that arrive
 together are handed to ``compute`` as one list (up to ``batch``; on CUDA merges stack them and use
-one batched matmul), so equal keys must mean the same ``compute``.
+one batched matmul), so equal keys must mean the same ``compute``. On the CPU a dense merge works
+a block of rows at a time instead (``_merge_rows``), keeping its float32 temporaries in cache.
 
 Codecs: how one logical weight is stored
 ----------------------------------------
@@ -867,7 +868,8 @@ def _storage_error(codec: Codec, outputs: Mapping[str, torch.Tensor], name: str,
     """``decode(outputs) - W``: what storing ``W`` lost; None when it is stored exactly."""
     if codec is DENSE and outputs[name].dtype == W.dtype:
         return None
-    return codec.decode(outputs, name).sub_(W)
+    decoded = codec.decode(outputs, name)
+    return decoded.sub_(W) if decoded.dtype == W.dtype else decoded - W
 
 
 _ROW_BLOCK = 1 << 18  # elements per block of rows in ``_merge_rows``: ~1 MB of float32, stays in cache

@@ -8,6 +8,7 @@ Rows per mode (lora, lora + gradient checkpointing, qlora):
   peft+autocast    the same inside torch.autocast(bf16)
   adapterops-loop  add_lora + the same plain loop (the layers alone)
   adapterops       add_lora + train_lora (its own loop: fused head + loss, bf16 autocast on CUDA)
+  adapterops+compile  the same with train_lora(compile=True) (torch.compile of the decoder layers)
 
     python benchmarks/bench_train.py                    # the 1.1B config on cuda
     python benchmarks/bench_train.py --small            # a small config on cpu, a minute or two
@@ -31,7 +32,7 @@ from contextlib import nullcontext
 
 import torch
 
-IMPLS = ["peft", "peft+autocast", "adapterops-loop", "adapterops"]
+IMPLS = ["peft", "peft+autocast", "adapterops-loop", "adapterops", "adapterops+compile"]
 MODES = ["lora", "lora-gc", "qlora"]
 BIG = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000, batch=8, seq=1024, device="cuda", dtype="bf16")
 SMALL = dict(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=2, vocab=8192, batch=4, seq=128, device="cpu", dtype="fp32")
@@ -122,7 +123,7 @@ def run_one(cfg: dict, impl: str, mode: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     times: list[float] = []
 
-    if impl == "adapterops":
+    if impl.startswith("adapterops") and impl != "adapterops-loop":
         from adapterops.train import train_lora
 
         data = [{"input_ids": row.tolist()} for row in ids]
@@ -134,7 +135,7 @@ def run_one(cfg: dict, impl: str, mode: str) -> dict:
             marks.append(time.perf_counter())
 
         train_lora(model, data * total, lr=1e-4, steps=total, batch_size=cfg["batch"], max_grad_norm=None,
-                   gradient_checkpointing=gc, seed=0, callback=tick)
+                   gradient_checkpointing=gc, seed=0, callback=tick, compile=impl.endswith("+compile"))
         times = [b - a for a, b in zip(marks, marks[1:])]
     else:
         ids, mask = ids.to(device), torch.ones_like(ids).to(device)
@@ -191,7 +192,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="Timed steps (default: 10 big, 5 small).")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--modes", default=",".join(MODES), help=f"Comma-separated subset of {','.join(MODES)}.")
-    ap.add_argument("--impls", default=None, help=f"Comma-separated subset of {','.join(IMPLS)} (default: all; on the CPU without peft+autocast).")
+    ap.add_argument("--impls", default=None, help=f"Comma-separated subset of {','.join(IMPLS)} (default: all; on the CPU without peft+autocast and adapterops+compile).")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on the CPU.")
     ap.add_argument("--interleave", type=int, metavar="ROUNDS", default=None,
                     help="Plain-loop rows only, in one process, a step of each in turn, ROUNDS times; median step "
@@ -218,13 +219,14 @@ def main() -> None:
     cfg.update(rank=args.rank, warmup=args.warmup, steps=args.steps or (5 if args.small else 10), threads=args.threads)
     if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
         sys.exit("no CUDA device here; use --small (or --device cpu)")
-    impls = args.impls.split(",") if args.impls else [i for i in IMPLS if cfg["device"] != "cpu" or i != "peft+autocast"]
+    on_cpu = cfg["device"] == "cpu"
+    impls = args.impls.split(",") if args.impls else [i for i in IMPLS if not (on_cpu and i in ("peft+autocast", "adapterops+compile"))]
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     rows = []
     if args.interleave:
         for mode in args.modes.split(","):
-            rows += interleaved(cfg, [i for i in impls if i != "adapterops"], mode, args.interleave)
+            rows += interleaved(cfg, [i for i in impls if i == "adapterops-loop" or i.startswith("peft")], mode, args.interleave)
         impls = []
     for mode in args.modes.split(","):
         for impl in impls:
@@ -257,23 +259,23 @@ def _ratios(rows: list[dict]) -> None:
 
 def _format(r: dict) -> str:
     if "error" in r:
-        return f"{r['mode']:<8} {r['impl']:<16} error: {r['error']}"
-    return f"{r['mode']:<8} {r['impl']:<16} {r['tokens_per_s']:>10,.0f} tok/s  {r['peak_gb']:6.2f} GB"
+        return f"{r['mode']:<8} {r['impl']:<19} error: {r['error']}"
+    return f"{r['mode']:<8} {r['impl']:<19} {r['tokens_per_s']:>10,.0f} tok/s  {r['peak_gb']:6.2f} GB"
 
 
 def _table(cfg: dict, rows: list[dict]) -> str:
     memory = "peak GB (cuda allocated)" if cfg["device"].startswith("cuda") else "peak GB (max RSS)"
     head = (f"Llama-shaped h={cfg['hidden']} i={cfg['intermediate']} L={cfg['layers']} V={cfg['vocab']}, "
             f"batch {cfg['batch']} x {cfg['seq']}, all-linear r={cfg['rank']}, {cfg['dtype']}, {_device_name(cfg['device'])}")
-    lines = [head, "", f"{'mode':<8} {'impl':<16} {'tokens/s':>10} {'x best peft':>11} {memory:>26} {'x best peft':>11}"]
+    lines = [head, "", f"{'mode':<8} {'impl':<19} {'tokens/s':>10} {'x best peft':>11} {memory:>26} {'x best peft':>11}"]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['mode']:<8} {r['impl']:<16} n/a ({r['error']})")
+            lines.append(f"{r['mode']:<8} {r['impl']:<19} n/a ({r['error']})")
             continue
         speed = f"{r['speed_vs_peft']:.2f}x" if "speed_vs_peft" in r else "-"
         mem = f"{r['memory_vs_peft']:.2f}x" if "memory_vs_peft" in r else "-"
         peak = "-" if r["peak_gb"] != r["peak_gb"] else f"{r['peak_gb']:.2f}"
-        lines.append(f"{r['mode']:<8} {r['impl']:<16} {r['tokens_per_s']:>10,.0f} {speed:>11} {peak:>26} {mem:>11}")
+        lines.append(f"{r['mode']:<8} {r['impl']:<19} {r['tokens_per_s']:>10,.0f} {speed:>11} {peak:>26} {mem:>11}")
     return "\n".join(lines)
 
 

@@ -268,6 +268,8 @@ def test_from_state_dict_refuses_what_is_not_nf4():
         from_state_dict({**entries, "w.quant_state.bitsandbytes__nf4": torch.tensor([123, 34], dtype=torch.uint8)}, "w")
     with pytest.raises(FormatError, match="do not fit"):
         from_state_dict({**entries, "w": entries["w"][:-1]}, "w")
+    with pytest.raises(FormatError, match="only uint8 storage"):
+        from_state_dict({**entries, "w": entries["w"].reshape(-1).view(torch.bfloat16)}, "w")
     with pytest.raises(FormatError, match="not the NF4 table"):
         from_state_dict({**entries, "w.quant_map": F.get_4bit_type("fp4", device="cpu")}, "w")
 

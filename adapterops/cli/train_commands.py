@@ -54,34 +54,36 @@ def _render(d: dict) -> str:
 @click.option("--targets", default="all-linear", show_default=True, help="all-linear, module names (q_proj,v_proj) or a regex over module paths.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="Dropout on the LoRA branch.")
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(rank) (rsLoRA).")
-@click.option("--init", "init", type=click.Choice(["default", "gaussian", "pissa"]), default="default", show_default=True)
+@click.option("--init", "init", type=click.Choice(["default", "gaussian", "pissa"]), default="default", show_default=True,
+              help="default: A random, B zero; gaussian: A ~ N(0, 1/r^2); pissa: the base's top singular vectors.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True, help="Peak learning rate.")
 @click.option("--lr-ratio", type=click.FloatRange(min=0, min_open=True), default=None, help="LoRA+: B's learning rate is lr times this.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None, help="Passes over the data (default 1).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (instead of --epochs).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Sequences per micro-batch.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--max-len", type=click.IntRange(min=2), default=1024, show_default=True, help="Truncate (or pack) sequences to this many tokens.")
 @click.option("--packing", is_flag=True, help="Pack examples into --max-len sequences.")
 @click.option("--warmup", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Warmup: a fraction of the steps (< 1) or a step count.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True, help="AdamW weight decay.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Evaluate every N steps (and at the end).")
 @click.option("--qlora", is_flag=True, help="Store the frozen base in NF4 (QLoRA).")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the decoder layers (faster steps after a slow first one).")
 @click.option("--dtype", type=click.Choice(list(_DTYPES)), default="auto", show_default=True, help="Base weights dtype (auto: bf16 on cuda, fp32 on cpu).")
 @device_option
 @click.option("--checkpoint-dir", type=click.Path(), default=None, help="Save resumable checkpoints here.")
 @click.option("--save-every", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps (and at the end).")
 @click.option("--resume", type=click.Path(), default=None, help="Resume from a checkpoint (directory of one, or of several: the latest).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the LoRA init, the data order and dropout.")
 @force_option
 @quiet_option
 @json_option
 def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rslora, init, lr, lr_ratio, epochs, steps,
           batch_size, grad_accum, max_len, packing, warmup, weight_decay, max_grad_norm, eval_every, qlora,
-          gradient_checkpointing, dtype, device, checkpoint_dir, save_every, resume, seed, force, quiet, as_json):
-    """Train a LoRA adapter on BASE with the JSONL --data and write it to -o.
+          gradient_checkpointing, compile_, dtype, device, checkpoint_dir, save_every, resume, seed, force, quiet, as_json):
+    """Train a LoRA adapter on the --base model with the JSONL --data; write it to -o.
 
     \b
     adapterops train --base ./SmolLM2-135M --data train.jsonl --eval eval.jsonl -o tuned.st --rank 16
@@ -123,7 +125,7 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     result = train_lora(
         model, train_set, eval_set, lr=lr, lr_ratio=lr_ratio, epochs=epochs or 1, steps=steps, batch_size=batch_size,
         grad_accum=grad_accum, max_grad_norm=max_grad_norm, warmup=warmup_value, weight_decay=weight_decay,
-        eval_every=eval_every, seed=seed, gradient_checkpointing=gradient_checkpointing,
+        eval_every=eval_every, seed=seed, gradient_checkpointing=gradient_checkpointing, compile=compile_,
         checkpoint_dir=checkpoint_dir or resume, save_every=save_every, resume_from=resume, progress=not quiet,
         tokenizer=tokenizer,
     )

@@ -89,7 +89,9 @@ class NF4Codec:
             flat = flat.to(qs[0].dtype).float()  # the values bitsandbytes returns, in float32
         return flat.view(len(qs), *qs[0].shape)
 
-    def encode(self, W: torch.Tensor, weight: str, like: Mapping[str, torch.Tensor], dtype: torch.dtype | None):
+    def encode(
+        self, W: torch.Tensor, weight: str, like: Mapping[str, torch.Tensor], dtype: torch.dtype | None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         outputs, extras = self.encode_many(W.unsqueeze(0), [weight], [like], dtype)
         return outputs[0], extras[0]
 

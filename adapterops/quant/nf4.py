@@ -316,6 +316,7 @@ def quantize_nf4(w: torch.Tensor, *, blocksize: int = 64, double_quant: bool = T
 # ---------------------------------------------------------------------------------------------
 # dequantize
 
+
 def _pair_table(device: torch.device) -> torch.Tensor:
     """(256, 2) float32: the two NF4 values a byte holds, high nibble first."""
     return _on(device, "pairs")
@@ -426,7 +427,9 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], name: str) -> NF4Tensor
     for s in shape:
         n *= s
     blocks = -(-n // blocksize)
-    if codes.dtype != torch.uint8 or codes.numel() != (n + 1) // 2 or absmax.numel() != blocks:
+    if codes.dtype != torch.uint8:
+        raise FormatError(f"{name}: codes stored as {codes.dtype} (bnb_4bit_quant_storage); only uint8 storage is supported")
+    if codes.numel() != (n + 1) // 2 or absmax.numel() != blocks:
         raise FormatError(f"{name}: {codes.numel()} code bytes and {absmax.numel()} scales do not fit shape {list(shape)} with blocksize {blocksize}")
     quant_map = tensors.get(f"{name}.quant_map")
     if quant_map is not None and not torch.equal(quant_map.detach().float(), _on(quant_map.device, "nf4")):

@@ -52,6 +52,7 @@ class NF4Linear(nn.Module):
         for name in self._TENSORS:
             self.register_buffer(name, getattr(weight, name))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        _warm_nf4_tables(self.codes.device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
@@ -68,6 +69,7 @@ class NF4Linear(nn.Module):
             new = self._buffers[name]
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        _warm_nf4_tables(self.codes.device)
         return self
 
     @property
@@ -89,6 +91,18 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4"
+
+
+_WARM: set[torch.device] = set()
+
+
+def _warm_nf4_tables(device: torch.device) -> None:
+    """Build the NF4 code tables on ``device`` now: the NF4 module caches them on first use, a side
+    effect ``torch.compile`` cannot trace inside a compiled forward."""
+    if device.type == "meta" or device in _WARM:
+        return
+    dequantize_nf4(quantize_nf4(torch.linspace(-1, 1, 128, device=device)))
+    _WARM.add(device)
 
 
 class LoraLinear(nn.Module):
@@ -169,42 +183,44 @@ class _LoraLinearFn(torch.autograd.Function):
     Shapes: x, h (N, in); W (out, in); A (r, in); B (out, r); z = h @ A.T (N, r); y (N, out).
     Backward, with g = dL/dy and gz = scale * g @ B (N, r):
         dA = gz.T @ h;  dB = scale * g.T @ z;  dx = g @ W (+ gz @ A when h is x);  dh = gz @ A.
-    Saved: h, z and the cast factors; the base weight is a parameter (or re-dequantized).
+    Saved: h (in the compute dtype: the input itself when it already is), z, and the inputs
+    A, B, W; a quantized base weight is dequantized again instead.
     """
 
     @staticmethod
     def forward(ctx, x, h, weight, bias, A, B, scale, quantized):
         dtype = _compute_dtype(x)
         in_features = x.shape[-1]
-        x2 = x.reshape(-1, in_features).to(dtype)  # (N, in)
-        h2 = x2 if h is None else h.reshape(-1, in_features).to(dtype)  # (N, in)
+        xc = x if x.dtype == dtype else x.to(dtype)
+        hc = xc if h is None else (h if h.dtype == dtype else h.to(dtype))
+        x2, h2 = xc.reshape(-1, in_features), hc.reshape(-1, in_features)  # (N, in)
         W = weight.to(dtype) if quantized is None else quantized.dequantize(dtype)  # (out, in)
-        Ac, Bc = A.to(dtype), B.to(dtype)
         if bias is None:
             out = torch.mm(x2, W.t())  # (N, in) @ (in, out) -> (N, out)
         else:
             out = torch.addmm(bias.to(dtype), x2, W.t())
-        z = torch.mm(h2, Ac.t())  # (N, in) @ (in, r) -> (N, r)
-        out.addmm_(z, Bc.t(), alpha=scale)  # += scale * (N, r) @ (r, out)
+        z = torch.mm(h2, A.to(dtype).t())  # (N, in) @ (in, r) -> (N, r)
+        out.addmm_(z, B.to(dtype).t(), alpha=scale)  # += scale * (N, r) @ (r, out)
         ctx.scale, ctx.quantized, ctx.dtype = scale, quantized, dtype
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.h_meta = None if h is None else (h.shape, h.dtype)
-        ctx.meta = (None if weight is None else weight.dtype, None if bias is None else bias.dtype, A.dtype, B.dtype)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         keep_x = weight is not None and weight.requires_grad
-        ctx.save_for_backward(x2 if keep_x else None, h2, z, weight, Ac, Bc)
+        ctx.save_for_backward(xc if keep_x else None, hc, z, weight, A, B)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, h2, z, weight, Ac, Bc = ctx.saved_tensors
+        xc, hc, z, weight, A, B = ctx.saved_tensors
         need_x, need_h, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:6]
         dtype, scale = ctx.dtype, ctx.scale
-        w_dtype, b_dtype, a_dtype, bb_dtype = ctx.meta
         with torch.autocast(grad.device.type, enabled=False):
+            Ac, Bc = A.to(dtype), B.to(dtype)
             g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (N, out)
+            h2 = hc.reshape(-1, hc.shape[-1])  # (N, in)
             gz = torch.mm(g, Bc).mul_(scale)  # (N, out) @ (out, r) -> (N, r)
-            dA = torch.mm(gz.t(), h2).to(a_dtype) if need_A else None  # (r, N) @ (N, in) -> (r, in)
-            dB = torch.mm(g.t(), z).mul_(scale).to(bb_dtype) if need_B else None  # (out, N) @ (N, r) -> (out, r)
+            dA = torch.mm(gz.t(), h2).to(A.dtype) if need_A else None  # (r, N) @ (N, in) -> (r, in)
+            dB = torch.mm(g.t(), z).mul_(scale).to(B.dtype) if need_B else None  # (out, N) @ (N, r) -> (out, r)
             dx = dh = dW = db = None
             if need_x:
                 W = weight.to(dtype) if ctx.quantized is None else ctx.quantized.dequantize(dtype)
@@ -215,9 +231,9 @@ class _LoraLinearFn(torch.autograd.Function):
             if need_h and ctx.h_meta is not None:
                 dh = torch.mm(gz, Ac).reshape(ctx.h_meta[0]).to(ctx.h_meta[1])
             if need_w:
-                dW = torch.mm(g.t(), x2).to(w_dtype)  # (out, N) @ (N, in) -> (out, in)
+                dW = torch.mm(g.t(), xc.reshape(-1, xc.shape[-1])).to(weight.dtype)  # (out, N) @ (N, in) -> (out, in)
             if need_b:
-                db = g.sum(0).to(b_dtype)
+                db = g.sum(0).to(ctx.bias_dtype)
         return dx, dh, dW, db, dA, dB, None, None
 
 

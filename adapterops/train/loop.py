@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ from . import checkpoint as ckpt
 from .data import IGNORE, collate, load_jsonl
 from .inject import lora_adapter, lora_modules
 from .loss import loss_fn
+from .progress import TrainProgress
 
 __all__ = ["TrainResult", "train_lora", "lr_at", "evaluate"]
 
@@ -108,6 +108,7 @@ def train_lora(
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
     progress: bool = False,
     fused_loss: bool | None = None,
+    compile: bool = False,
     tokenizer: Any = None,
     max_len: int | None = None,
     packing: bool = False,
@@ -124,7 +125,9 @@ def train_lora(
     same model, data and settings. ``callback(info)`` runs after every step; returning False
     stops the run. Seeded: the same seed gives the same losses. ``fused_loss`` (default: where
     supported) computes the output head and the loss chunk by chunk, never holding all logits
-    (see ``adapterops.train.loss``).
+    (see ``adapterops.train.loss``). ``compile`` runs ``torch.compile`` on the model's repeated
+    blocks (its decoder layers; the whole model if it has none), which fuses the elementwise work
+    around the LoRA layers; the blocks stay compiled afterwards.
     """
     modules = lora_modules(model)
     if not modules:
@@ -172,9 +175,11 @@ def train_lora(
         torch.manual_seed(seed)
 
     compute_loss = loss_fn(model, fused=fused_loss)
+    if compile:
+        compile_blocks(model)
     was_training = model.training
     restore_checkpointing = _enable_checkpointing(model) if gradient_checkpointing else None
-    bar = _Progress(total, enabled=progress)
+    bar = TrainProgress(total, enabled=progress)
     tokens, seconds = 0, 0.0
     model.train()
     try:
@@ -338,6 +343,15 @@ def _check_resume(saved: ckpt.Checkpoint, settings: dict[str, Any]) -> None:
         )
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` each module of the longest ``nn.ModuleList`` of same-type blocks (a
+    decoder's layers: one compiled graph serves them all), else the whole model; in place."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1]
+    blocks = max(lists, key=len) if lists else [model]
+    for block in blocks:
+        block.compile()
+
+
 def _enable_checkpointing(model: nn.Module) -> Callable[[], None]:
     """Turn on the model's own gradient checkpointing; returns what turns it back off."""
     enable = getattr(model, "gradient_checkpointing_enable", None)
@@ -351,56 +365,3 @@ def _enable_checkpointing(model: nn.Module) -> Callable[[], None]:
     if was_on:
         return lambda: None
     return lambda: model.gradient_checkpointing_disable()
-
-
-class _Progress:
-    """One line on stderr, redrawn at most ten times a second: step, loss, lr, tokens/s, eta."""
-
-    def __init__(self, total: int, *, enabled: bool, stream=None) -> None:
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = enabled and _isatty(self.stream)
-        self.total, self.start, self.last, self.width = total, time.perf_counter(), 0.0, 0
-        self.first_step: int | None = None
-
-    def update(self, info: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if self.first_step is None:
-            self.first_step = info["step"] - 1
-        done = info["step"] - self.first_step
-        eta = (now - self.start) / done * (self.total - info["step"])
-        text = (
-            f"step {info['step']}/{self.total}  loss {info['loss']:.4f}  lr {info['lr']:.2e}  "
-            f"{info['tokens_per_second']:,.0f} tok/s  eta {_duration(eta)}"
-        )
-        if "eval_loss" in info:
-            text += f"  eval {info['eval_loss']:.4f}"
-        if self.tty:
-            if now - self.last >= 0.1 or info["step"] == self.total or "eval_loss" in info:
-                self.last = now
-                self.stream.write("\r" + text + " " * max(self.width - len(text), 0))
-                self.stream.flush()
-                self.width = len(text)
-        elif info["step"] == self.total or "eval_loss" in info or info["step"] % max(1, self.total // 20) == 0:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and self.width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.width = 0
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def _isatty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
