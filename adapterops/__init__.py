@@ -3,9 +3,9 @@
 from .adapter import Adapter, LoraLayer, blend, cosine, interpolate, lora_scale
 from .diagnostics import compare, diagnose, reduce_intruders
 from .errors import AdapterOpsError
-from .extract import extract
+from .extraction import extract
 from .formats import load, save
-from .merge import merge, unmerge
+from .merging import merge, unmerge
 from .quant import dequantize_nf4, quantize_checkpoint, quantize_nf4
 
 __version__ = "0.1.0"

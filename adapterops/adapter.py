@@ -224,18 +224,26 @@ class Adapter(Mapping[str, LoraLayer]):
         return {n: f[:3] for n, f in self._factored_svd(device).items()}
 
     def _factored_svd(self, device: torch.device | str | None) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
-        """``(U, S, Vh, noise floor)`` per layer; layers of equal shape, rank and dtype run as one batch."""
+        """``(U, S, Vh, noise floor)`` per layer; layers of equal shape, rank and dtype run as one batch.
+
+        Raises NonFiniteError for layers holding NaN or Inf (their SVD is undefined).
+        """
         _refuse_dora("svd", self)
         result = {}
         for names in _groups_by_shape(self).values():
-            cdt = linalg.compute_dtype(*(t for n in names for t in (self[n].A, self[n].B)))
-            folded = [self[n].to(device=device).folded(dtype=cdt) for n in names]
-            B = torch.stack([f[0] for f in folded])  # (n, out, r)
-            A = torch.stack([f[1] for f in folded])  # (n, r, in)
+            layers = [self[n] for n in names]
+            cdt = linalg.compute_dtype(layers[0].A, layers[0].B)
+            dev = layers[0].A.device if device is None else torch.device(device)
+            scales = torch.tensor([layer.scale for layer in layers], dtype=cdt, device=dev)
+            B = torch.stack([layer.B for layer in layers]).to(device=dev, dtype=cdt) * scales[:, None, None]  # (n, out, r)
+            A = torch.stack([layer.A for layer in layers]).to(device=dev, dtype=cdt)  # (n, r, in)
+            floors = linalg.noise_floor(B, A)  # (n,), NaN where a factor is not finite
+            bad = [name for name, ok in zip(names, torch.isfinite(floors).tolist()) if not ok]
+            if bad:
+                raise NonFiniteError(f"cannot compute the SVD of layers holding NaN or Inf ({len(bad)}, e.g. {bad[0]}); fix or drop them first")
             U, S, Vh = linalg.factored_svd(B, A)
-            floors = linalg.noise_floor(B, A).tolist()
-            for i, name in enumerate(names):
-                result[name] = (U[i], S[i], Vh[i], floors[i])
+            for i, (name, floor) in enumerate(zip(names, floors.tolist())):
+                result[name] = (U[i], S[i], Vh[i], floor)
         return {n: result[n] for n in self}
 
     def compress(
@@ -262,9 +270,6 @@ class Adapter(Mapping[str, LoraLayer]):
             raise AdapterOpsError("compress needs exactly one of rank=, energy= or budget=")
         (rule, value), = given.items()
         _refuse_dora("compress", self)
-        bad = self.nonfinite_layers()
-        if bad:
-            raise NonFiniteError(f"cannot compress layers holding NaN or Inf ({len(bad)}, e.g. {bad[0]}): their SVD is undefined")
         factors = self._factored_svd(device)
         ranks = linalg.select_ranks(
             {n: f[1] for n, f in factors.items()},
@@ -295,14 +300,14 @@ class Adapter(Mapping[str, LoraLayer]):
         save(self, path, format=format, force=force)
 
     def merge_into(self, module: Any, weight: float = 1.0) -> list[str]:
-        """Add ``weight * delta`` to the matching weights of a live ``nn.Module`` in place (see ``merge.merge_into``)."""
-        from .merge import merge_into
+        """Add ``weight * delta`` to the matching weights of a live ``nn.Module`` in place (see ``merging.merge_into``)."""
+        from .merging import merge_into
 
         return merge_into(self, module, weight=weight)
 
     def applied(self, module: Any, weight: float = 1.0) -> Any:
         """Context manager: merged into ``module`` inside, exact original weights restored on exit."""
-        from .merge import applied
+        from .merging import applied
 
         return applied(self, module, weight=weight)
 

@@ -18,6 +18,7 @@ __all__ = [
     "factored_inner",
     "numerical_rank",
     "noise_floor",
+    "frobenius",
     "select_ranks",
     "RANK_RULES",
 ]
@@ -72,14 +73,24 @@ def noise_floor(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     floor cannot be told from zero.
     """
     eps = torch.finfo(compute_dtype(B, A)).eps
-    return (B.shape[-1] + 8) * eps * _frobenius(B) * _frobenius(A)
+    return (B.shape[-1] + 8) * eps * frobenius(B) * frobenius(A)
 
 
-def _frobenius(x: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm over the last two dims, scaled first so tiny entries do not underflow when squared."""
-    peak = x.abs().amax(dim=(-2, -1))
-    safe = torch.where(peak > 0, peak, torch.ones_like(peak))
-    return torch.linalg.matrix_norm(x / safe[..., None, None]) * peak
+def frobenius(x: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm over the last two dims, batched; NaN where ``x`` holds NaN or Inf.
+
+    One fused pass normally; where that under- or overflows (squares of entries beyond the dtype's
+    range), the entries are scaled by their largest magnitude first.
+    """
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1))
+    redo = (norm == 0) | ~torch.isfinite(norm)
+    if bool(redo.any()):
+        peak = x.abs().amax(dim=(-2, -1))
+        safe = torch.where((peak > 0) & torch.isfinite(peak), peak, torch.ones_like(peak))
+        scaled = torch.linalg.vector_norm(x / safe[..., None, None], dim=(-2, -1)) * peak
+        scaled = torch.where(torch.isfinite(peak), scaled, torch.full_like(scaled, float("nan")))
+        norm = torch.where(redo, scaled, norm)
+    return norm
 
 
 RankRule = Callable[[Mapping[str, torch.Tensor], Mapping[str, int], float], dict[str, int]]

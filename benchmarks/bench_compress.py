@@ -173,6 +173,19 @@ def peft_check(device: torch.device, repeat: int) -> dict | None:
     }
 
 
+def cpu_name() -> str:
+    model = "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return f"{model}, {threads} thread{'s' if threads != 1 else ''}"
+
+
 def table(rows: list[dict], device: str) -> str:
     head = f"{'case':<44} {'adapterops ms':>14} {'dense ms':>12} {'speedup':>9} {'rel diff':>9}"
     lines = [f"device: {device}", head, "-" * len(head)]
@@ -207,7 +220,7 @@ def main() -> int:
     layers = args.layers
     dense_layers = min(layers, args.dense_layers or (4 if device.type == "cuda" else 1))
     dense_repeat = args.dense_repeat
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
     rows = []
     for out, inn in (tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",") if shape):

@@ -443,13 +443,31 @@ def test_compress_needs_exactly_one_rule():
             a.compress(**kwargs)
 
 
-def test_compress_refuses_nonfinite_factors():
-    A = torch.randn(2, 3)
-    A[0, 0] = float("nan")
-    a = Adapter({"x": LoraLayer(A, torch.randn(3, 2), 2)})
-    assert a.nonfinite_layers() == ["x"]
-    with pytest.raises(NonFiniteError, match="x"):
-        a.compress(rank=1)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_compress_refuses_nonfinite_factors(bad):
+    g = torch.Generator().manual_seed(0)
+    layers = {n: LoraLayer(torch.randn(2, 3, generator=g), torch.randn(3, 2, generator=g), 2) for n in ("x", "y", "z")}
+    A = layers["y"].A.clone()
+    A[0, 0] = bad
+    a = Adapter({**layers, "y": LoraLayer(A, layers["y"].B, 2)})
+    assert a.nonfinite_layers() == ["y"]
+    for op in (lambda: a.compress(rank=1), a.svd):
+        with pytest.raises(NonFiniteError, match="NaN or Inf .*e.g. y"):
+            op()
+    nan_alpha = Adapter({"w": LoraLayer(torch.ones(1, 2), torch.ones(2, 1), float("nan"))})
+    with pytest.raises(NonFiniteError, match="w"):
+        nan_alpha.compress(rank=1)
+
+
+def test_huge_and_tiny_factors_compress_fine():
+    g = torch.Generator().manual_seed(0)
+    for magnitude in (1e-20, 1e20):  # squares under- and overflow float32
+        a = Adapter({"x": LoraLayer(torch.randn(3, 8, generator=g) * magnitude, torch.randn(6, 3, generator=g), 3)})
+        result = a.compress(rank=2)
+        assert result.ranks == {"x": 2}
+        S = torch.linalg.svdvals(a["x"].delta(torch.float64))
+        err = torch.linalg.matrix_norm(a["x"].delta(torch.float64) - result["x"].delta(torch.float64))
+        assert float(err) == pytest.approx(float(S[2]), rel=1e-3)
 
 
 def test_compress_keeps_base_model_and_notes_the_rule():

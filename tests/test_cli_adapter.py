@@ -189,7 +189,7 @@ BAD = {
     "nan blend": (["blend", "{d}/a.st", "{d}/nan.st", "-o", "{d}/out.st"], f"NaN or Inf in 1 layer(s), e.g. {V}"),
     "nan info": (["info", "{d}/nan.st"], "--allow-nonfinite"),
     "nan convert": (["convert", "{d}/nan.st", "--to", "peft", "-o", "{d}/out"], "NaN or Inf"),
-    "nan compress allowed": (["compress", "{d}/nan.st", "--rank", "2", "-o", "{d}/out.st", "--allow-nonfinite"], "cannot compress layers holding NaN or Inf"),
+    "nan compress allowed": (["compress", "{d}/nan.st", "--rank", "2", "-o", "{d}/out.st", "--allow-nonfinite"], "cannot compute the SVD of layers holding NaN or Inf"),
     "dora blend": (["blend", "{d}/a.st", "{d}/dora.st", "-o", "{d}/out.st"], "not defined for DoRA adapters"),
     "dora compress": (["compress", "{d}/dora.st", "--rank", "1", "-o", "{d}/out.st"], "compress is not defined for DoRA"),
     "output exists": (["blend", "{d}/a.st", "{d}/b.st", "-o", "{d}/b.st"], "is also an input"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from pathlib import Path
 
@@ -17,12 +16,13 @@ import adapterops
 from adapterops import Adapter, LoraLayer
 from adapterops.checkpoint import INDEX_NAME, Checkpoint
 from adapterops.cli import main
+from adapterops.merging import plan_merge
 from adapterops.quant import dequantize_nf4, from_state_dict, quantize_checkpoint, quantize_nf4, to_state_dict
 from adapterops.quant.codec import NF4
 from adapterops.quant.nf4 import unpack_codes
+from adapterops.rewrite import rewrite
 
 pytest.importorskip("bitsandbytes")
-M = importlib.import_module("adapterops.merge")  # the module (adapterops.merge is the function)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 STATE = ".quant_state.bitsandbytes__nf4"
 
@@ -174,9 +174,9 @@ def test_cli_warns_when_the_delta_rounds_away(base, small, big, tmp_path):
 
 def test_batched_codec_equals_one_weight_at_a_time(base, big, tmp_path):
     ck = Checkpoint(base)
-    jobs, _ = M.plan_merge(ck, [big], [1.0])
-    M.rewrite(ck, tmp_path / "one", jobs, device="cpu", progress=False, batch=1)
-    M.rewrite(ck, tmp_path / "many", jobs, device="cpu", progress=False, batch=8)
+    jobs, _ = plan_merge(ck, [big], [1.0])
+    rewrite(ck, tmp_path / "one", jobs, device="cpu", progress=False, batch=1)
+    rewrite(ck, tmp_path / "many", jobs, device="cpu", progress=False, batch=8)
     for f in Checkpoint(tmp_path / "one").files:
         assert f.read_bytes() == (tmp_path / "many" / f.name).read_bytes()
     tensors = read_all(base)

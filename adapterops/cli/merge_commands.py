@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ..extract import extract as extract_adapter
-from ..merge import merge as merge_checkpoint
-from ..merge import unmerge as unmerge_checkpoint
+from ..extraction import extract as extract_adapter
+from ..merging import merge as merge_checkpoint
+from ..merging import unmerge as unmerge_checkpoint
 from . import main
 from .quant_commands import retention_warning
 from ._common import (

@@ -114,7 +114,9 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     train_set = load_jsonl(data, tokenizer, max_len=max_len, packing=packing)
     eval_set = load_jsonl(eval_path, tokenizer, max_len=max_len, packing=packing) if eval_path else None
-    if not quiet:
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
+    else:
         status(f"loading {base} ({str(torch_dtype).removeprefix('torch.')}, {device})")
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device)
     handle = add_lora(model, targets=parsed_targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora,

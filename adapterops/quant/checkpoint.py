@@ -3,7 +3,7 @@
 Every 2-D floating ``*.weight`` whose module path matches no skip pattern becomes the six
 bitsandbytes entries of an NF4 weight (see ``quant.nf4.to_state_dict``); everything else (output
 head, embeddings, norms, biases, any tensor that is not 2-D) is copied byte for byte. The same
-streaming engine as ``merge`` does the work (``adapterops.merge.rewrite``): shards, index,
+streaming engine as ``merge`` does the work (``adapterops.rewrite``): shards, index,
 metadata and side files carry over, weights of equal shape are quantized in batches on a GPU.
 ``config.json`` gains the ``quantization_config`` transformers itself writes for a
 ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", ...)`` model.
@@ -26,7 +26,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import AdapterOpsError, UnsupportedOperationError
-from ..merge import Job, Task, check_output, resolve_device, rewrite
+from ..rewrite import Job, Task, check_output, resolve_device, rewrite
 from .nf4 import BLOCKSIZES, FLOAT_DTYPES, dequantize_nf4_many, quantize_nf4_many, to_state_dict
 
 __all__ = ["quantize_checkpoint", "QuantizeReport", "DEFAULT_SKIP", "quantization_config"]

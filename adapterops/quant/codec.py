@@ -1,6 +1,6 @@
 """The ``nf4`` storage codec: how the merge engine reads and writes bitsandbytes NF4 weights.
 
-Registered with ``adapterops.merge.register_codec`` when this module is imported. A weight
+Registered with ``adapterops.storage.register_codec`` when this module is imported. A weight
 ``X.weight`` stored as NF4 is the group of tensors ``X.weight`` (packed codes),
 ``X.weight.absmax``, ``X.weight.quant_map``, ``X.weight.nested_absmax``,
 ``X.weight.nested_quant_map`` and ``X.weight.quant_state.bitsandbytes__nf4``.
@@ -25,7 +25,7 @@ import torch
 
 from ..checkpoint import NF4_STATE_SUFFIX, Checkpoint
 from ..errors import FormatError
-from ..merge import register_codec
+from ..storage import register_codec
 from .nf4 import STATE_SUFFIXES, NF4Tensor, dequantize_nf4, from_state_dict, quantize_nf4_many, to_state_dict
 from .nf4 import _dequantize_flat
 

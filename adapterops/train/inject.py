@@ -27,7 +27,8 @@ Targets = str | re.Pattern | Sequence[str]
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """What ``add_lora`` was asked for (alpha resolved: None means rank)."""
+    """What ``add_lora`` was asked for, ``alpha`` resolved (the rank when none was given) and
+    ``modules`` the paths of the wrapped layers."""
 
     targets: Any = "all-linear"
     rank: int = 16
@@ -186,6 +187,8 @@ def lora_adapter(model: nn.Module, modules: dict[str, LoraLinear] | None = None,
         meta["base_model"] = str(name_or_path)
     if type(model).__name__.endswith("ForCausalLM"):
         meta["task_type"] = "CAUSAL_LM"
+    if any(layer.init_A is not None for layer in modules.values()):
+        meta["lora_init"] = "pissa"  # factors are the difference from the PiSSA start
     meta.update(metadata)
     return Adapter(layers, meta)
 
@@ -228,8 +231,7 @@ class LoraHandle:
 
     def adapter(self) -> Adapter:
         """The current update as an Adapter (a copy: later training does not change it)."""
-        extra = {"lora_init": self.config.init} if self.config.init != "default" else {}
-        return lora_adapter(self.model, self.modules, **extra)
+        return lora_adapter(self.model, self.modules)
 
     def remove(self) -> nn.Module:
         """Put the original modules back and restore every parameter's ``requires_grad``.

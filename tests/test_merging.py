@@ -1,8 +1,7 @@
-"""adapterops.merge: parity with PEFT's merge_and_unload, the streaming engine, codecs, failure modes."""
+"""adapterops.merging: parity with PEFT's merge_and_unload, the streaming engine, codecs, failure modes."""
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import math
@@ -24,7 +23,7 @@ from merge_helpers import (
 from safetensors.torch import save_file
 
 import adapterops
-from adapterops import Adapter, LoraLayer
+from adapterops import Adapter, LoraLayer, merging
 from adapterops._progress import Progress
 from adapterops.checkpoint import INDEX_NAME, Checkpoint, ShardWriter
 from adapterops.errors import (
@@ -34,8 +33,10 @@ from adapterops.errors import (
     OutputExistsError,
     UnsupportedOperationError,
 )
+from adapterops.merging import plan_merge
+from adapterops.rewrite import Job, rewrite
+from adapterops.storage import CODECS, logical_weights
 
-M = importlib.import_module("adapterops.merge")  # the module (adapterops.merge is the function)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
@@ -201,9 +202,9 @@ def test_unmerge_inverts_merge_in_fp32(tiny32, tmp_path):
 def test_batched_compute_equals_one_at_a_time(tiny, tmp_path):
     ck = Checkpoint(tiny)
     adapter = random_adapter(linear_shapes(tiny), seed=4)
-    jobs, _ = M.plan_merge(ck, [adapter], [1.0])
-    M.rewrite(ck, tmp_path / "one", jobs, device="cpu", progress=False, batch=1)
-    M.rewrite(ck, tmp_path / "many", jobs, device="cpu", progress=False, batch=8)
+    jobs, _ = plan_merge(ck, [adapter], [1.0])
+    rewrite(ck, tmp_path / "one", jobs, device="cpu", progress=False, batch=1)
+    rewrite(ck, tmp_path / "many", jobs, device="cpu", progress=False, batch=8)
     one, many = read_all(tmp_path / "one"), read_all(tmp_path / "many")
     for name in one:
         assert_within_ulps(many[name], one[name], 1.0)
@@ -345,7 +346,7 @@ def test_merge_into_conv1d_matches_peft(tmp_path):
 @pytest.mark.parametrize("where", ["compute", "writer", "interrupt"])
 def test_interrupted_merge_leaves_no_output(tiny, tmp_path, monkeypatch, where):
     calls = {"n": 0}
-    original_compute, original_add = M._merge_compute, ShardWriter.add
+    original_compute, original_add = merging._merge_compute, ShardWriter.add
 
     def failing_compute(tasks):
         calls["n"] += 1
@@ -362,7 +363,7 @@ def test_interrupted_merge_leaves_no_output(tiny, tmp_path, monkeypatch, where):
     if where == "writer":
         monkeypatch.setattr(ShardWriter, "add", failing_add)
     else:
-        monkeypatch.setattr(M, "_merge_compute", failing_compute)
+        monkeypatch.setattr(merging, "_merge_compute", failing_compute)
     expected = {"compute": RuntimeError, "writer": OSError, "interrupt": KeyboardInterrupt}[where]
     with pytest.raises(expected):
         adapterops.merge(tiny, random_adapter(linear_shapes(tiny)), tmp_path / "out", progress=False)
@@ -441,20 +442,20 @@ class RowInt8:
         return {k: v for k, v in config.items() if k != "quantization_config"}
 
 
-def quantize_job(weight: str) -> M.Job:
+def quantize_job(weight: str) -> Job:
     def compute(tasks):
         return [(RowInt8.quantize(t.tensors[t.name].float(), t.name), None) for t in tasks]
 
-    return M.Job((weight,), compute)
+    return Job((weight,), compute)
 
 
 @pytest.fixture
 def rowint8(tiny, tmp_path, monkeypatch):
     """The tiny model's linear weights rewritten as RowInt8 groups with the rewrite primitive."""
-    monkeypatch.setitem(M.CODECS, "rowint8", RowInt8())
+    monkeypatch.setitem(CODECS, "rowint8", RowInt8())
     ck = Checkpoint(tiny)
     weights = [f"{n}.weight" for n in linear_shapes(tiny)]
-    result = M.rewrite(ck, tmp_path / "q", {w: quantize_job(w) for w in weights}, progress=False,
+    result = rewrite(ck, tmp_path / "q", {w: quantize_job(w) for w in weights}, progress=False,
                        config=lambda c: {**c, "quantization_config": {"quant_method": "rowint8"}})
     return tmp_path / "q", weights, result
 
@@ -476,7 +477,7 @@ def test_rewrite_one_tensor_into_several(rowint8, tiny):
 def test_merge_through_a_registered_codec(rowint8, tmp_path):
     q, weights, _ = rowint8
     ck = Checkpoint(q)
-    assert {w: c.name for w, (c, _) in M.logical_weights(ck).items() if w in weights} == dict.fromkeys(weights, "rowint8")
+    assert {w: c.name for w, (c, _) in logical_weights(ck).items() if w in weights} == dict.fromkeys(weights, "rowint8")
     adapter = random_adapter({w[: -len(".weight")]: ck.shape(w) for w in weights}, seed=8)
     report = adapterops.merge(q, adapter, tmp_path / "merged", progress=False)
     codec, merged = RowInt8(), read_all(tmp_path / "merged")

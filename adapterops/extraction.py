@@ -31,7 +31,8 @@ from ._progress import Progress
 from .adapter import Adapter, LoraLayer
 from .checkpoint import Checkpoint
 from .errors import AdapterOpsError, BaseMismatchError
-from .merge import logical_weights, resolve_device
+from .rewrite import resolve_device
+from .storage import logical_weights
 
 __all__ = ["extract"]
 
