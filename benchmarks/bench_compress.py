@@ -17,8 +17,10 @@ Cases, all on ``--device``:
     their times add up; at 32 layers it would take tens of minutes even on a GPU); the table marks
     such numbers with ``*``.
 
-Every case checks that the two results agree: relative Frobenius difference of the rank-16 deltas
-below 1e-4 (exit code 1 otherwise).
+Every case reports the relative Frobenius difference of the two rank-16 deltas. The one-layer
+cases also compare both routes with the exact answer: the dense route run in float64. adapterops
+must be within 1e-4 of it (exit code 1 otherwise); a float32 dense SVD of a large matrix can itself
+be off by more than that, which is why the oracle is float64 and not the float32 dense route.
 
     python benchmarks/bench_compress.py [--device cpu|cuda] [--shapes 4096x4096,...] [--layers N]
         [--dense-layers N] [--json PATH]
@@ -111,7 +113,10 @@ def relative_difference(x: dict, y: dict) -> float:
     return math.sqrt(num / den)
 
 
-def compare(label: str, shapes: dict[str, tuple[int, int]], device: torch.device, repeat: int, dense_repeat: int, dense_share: float = 1.0) -> dict:
+def compare(
+    label: str, shapes: dict[str, tuple[int, int]], device: torch.device, repeat: int, dense_repeat: int,
+    dense_share: float = 1.0, oracle: bool = False,
+) -> dict:
     """Both routes on ``shapes``; the dense one on the first ``dense_share`` of the modules only,
     its time scaled up by ``1 / dense_share`` (a loop of independent modules: time adds up)."""
     a, b = random_adapter(shapes, 1, device), random_adapter(shapes, 2, device)
@@ -121,6 +126,13 @@ def compare(label: str, shapes: dict[str, tuple[int, int]], device: torch.device
     torch.linalg.svd(torch.randn(64, 64, device=device))  # warm-up of the solver; a full run can take minutes
     dense_ms, dense = timed(lambda: dense_route(a_part, b_part), device, dense_repeat, warmup=False)
     dense_ms *= len(shapes) / len(names)
+    errors = {}
+    if oracle:
+        exact = dense_route(a_part.to(dtype=torch.float64), b_part.to(dtype=torch.float64))
+        errors = {
+            "adapterops_vs_float64": relative_difference({n: ours[n] for n in names}, exact),
+            "dense_vs_float64": relative_difference(dense, exact),
+        }
     return {
         "case": label,
         "modules": len(shapes),
@@ -129,6 +141,7 @@ def compare(label: str, shapes: dict[str, tuple[int, int]], device: torch.device
         "dense_ms": dense_ms,
         "speedup": dense_ms / ours_ms,
         "rel_diff": relative_difference({n: ours[n] for n in names}, dense),
+        **errors,
     }
 
 
@@ -187,16 +200,24 @@ def cpu_name() -> str:
 
 
 def table(rows: list[dict], device: str) -> str:
-    head = f"{'case':<44} {'adapterops ms':>14} {'dense ms':>12} {'speedup':>9} {'rel diff':>9}"
+    head = (
+        f"{'case':<44} {'adapterops ms':>14} {'dense ms':>12} {'speedup':>9} {'rel diff':>9}"
+        f" {'ours vs f64':>12} {'dense vs f64':>12}"
+    )
     lines = [f"device: {device}", head, "-" * len(head)]
     for r in rows:
         est = "*" if r.get("dense_modules_timed", r["modules"]) < r["modules"] else " "
         lines.append(
             f"{r['case']:<44} {r['adapterops_ms']:>14.2f} {r['dense_ms']:>11.1f}{est} {r['speedup']:>8.0f}x {r['rel_diff']:>9.1e}"
+            f" {_maybe(r.get('adapterops_vs_float64')):>12} {_maybe(r.get('dense_vs_float64')):>12}"
         )
     if any(r.get("dense_modules_timed", r["modules"]) < r["modules"] for r in rows):
         lines.append("* dense loop timed on the first --dense-layers layers and scaled to all; rel diff on those modules")
     return "\n".join(lines)
+
+
+def _maybe(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1e}"
 
 
 def main() -> int:
@@ -224,7 +245,7 @@ def main() -> int:
 
     rows = []
     for out, inn in (tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",") if shape):
-        rows.append(compare(f"one layer {out}x{inn}", {"layer": (out, inn)}, device, args.repeat, dense_repeat))
+        rows.append(compare(f"one layer {out}x{inn}", {"layer": (out, inn)}, device, args.repeat, dense_repeat, oracle=True))
         print(table(rows[-1:], name).splitlines()[-1], file=sys.stderr, flush=True)
     if layers:
         shapes = {f"model.layers.{i}.{m}": s for i in range(layers) for m, s in LLAMA_7B.items()}
@@ -239,9 +260,9 @@ def main() -> int:
         print(f"PEFT's add_weighted_adapter(svd) vs the dense route here: rel diff {rows[-1]['peft_vs_dense_route']:.1e}")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "rank": RANK, "results": rows}, indent=2) + "\n")
-    bad = [r["case"] for r in rows if not r["rel_diff"] < TOLERANCE]
+    bad = [r["case"] for r in rows if "adapterops_vs_float64" in r and not r["adapterops_vs_float64"] < TOLERANCE]
     if bad:
-        print(f"results differ by {TOLERANCE:g} or more in: {', '.join(bad)}", file=sys.stderr)
+        print(f"adapterops is {TOLERANCE:g} or more off the reference in: {', '.join(bad)}", file=sys.stderr)
         return 1
     return 0
 
