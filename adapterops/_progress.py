@@ -11,7 +11,7 @@ import threading
 import time
 from typing import TextIO
 
-__all__ = ["Progress", "format_bytes"]
+__all__ = ["Progress", "TerminalLine", "format_bytes", "is_terminal"]
 
 
 def format_bytes(n: float) -> str:
@@ -37,14 +37,14 @@ class Progress:
         interval: float = 0.1,
     ) -> None:
         self.stream = stream or sys.stderr
-        self.enabled = enabled and _isatty(self.stream)
+        self.enabled = enabled and is_terminal(self.stream)
         self.label, self.total_items, self.total_bytes, self.interval = label, total_items, total_bytes, interval
         self.items = 0
         self.bytes = 0
         self._start = time.perf_counter()
         self._last_draw = 0.0
         self._lock = threading.Lock()
-        self._width = 0
+        self._line = TerminalLine(self.stream)
 
     def __enter__(self) -> Progress:
         return self
@@ -73,21 +73,37 @@ class Progress:
         )
 
     def _draw(self, now: float) -> None:
-        text = self.line(now)
-        pad = max(self._width - len(text), 0)
-        self._width = len(text)
-        self.stream.write("\r" + text + " " * pad)
-        self.stream.flush()
+        self._line.draw(self.line(now))
 
     def close(self) -> None:
         with self._lock:
-            if self.enabled and self._width:
-                self.stream.write("\n")
-                self.stream.flush()
-                self._width = 0
+            if self.enabled:
+                self._line.end()
 
 
-def _isatty(stream: TextIO) -> bool:
+class TerminalLine:
+    """One status line on a terminal, redrawn in place: ``\\r`` and the new text, padded over the old."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.width = 0  # length of the text on screen; 0 when no line is open
+
+    def draw(self, text: str) -> None:
+        pad = max(self.width - len(text), 0)
+        self.width = len(text)
+        self.stream.write("\r" + text + " " * pad)
+        self.stream.flush()
+
+    def end(self) -> None:
+        """Finish the line (a newline) if one was drawn."""
+        if self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.width = 0
+
+
+def is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal (False for streams without a working ``isatty``)."""
     try:
         return stream.isatty()
     except (AttributeError, ValueError):

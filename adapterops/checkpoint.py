@@ -85,7 +85,11 @@ def resolve_base(base: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:
-        raise FormatError(f"{base}: not a local path, and the Hub could not provide it ({type(exc).__name__}: {exc})") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FormatError(
+            f"{base}: not a local path, not in the Hugging Face cache, and the Hub could not provide it ({reason}); "
+            "check the name, or download it first and pass its directory"
+        ) from None
 
 
 @dataclass(frozen=True)

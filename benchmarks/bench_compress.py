@@ -42,6 +42,8 @@ import torch
 import adapterops as ao
 from adapterops import Adapter, LoraLayer
 
+from _harness import parse_with_threads
+
 RANK, ALPHA, WEIGHTS = 16, 32.0, (0.6, 0.4)
 TOLERANCE = 1e-4
 LLAMA_7B = {  # module -> (out, in)
@@ -232,12 +234,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs of the adapterops route (median)")
     parser.add_argument("--dense-repeat", type=int, default=1, help="timed runs of the dense route (median)")
     parser.add_argument("--no-peft", action="store_true", help="skip the check against PEFT's add_weighted_adapter")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, device = parse_with_threads(parser)
     layers = args.layers
     dense_layers = min(layers, args.dense_layers or (4 if device.type == "cuda" else 1))
     dense_repeat = args.dense_repeat

@@ -39,6 +39,8 @@ import adapterops as ao
 from adapterops import Adapter, LoraLayer
 from adapterops.checkpoint import Checkpoint
 
+from _harness import parse_with_threads
+
 RANK, ALPHA, TOP_K, EPSILON = 16, 32.0, 10, 0.5
 TOLERANCE = 1e-3
 
@@ -141,12 +143,7 @@ def main() -> int:
     parser.add_argument("--naive-layers", type=int, default=None, help="decoder layers timed with the naive route (default: 2 on cuda, all on cpu)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the synthetic base and the cache go (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, device = parse_with_threads(parser)
     on_gpu = device.type == "cuda"
     layers = args.layers if args.layers is not None else (32 if on_gpu else 1)
     hidden = args.hidden or (4096 if on_gpu else 1024)

@@ -11,27 +11,20 @@ from adapterops import load
 from adapterops.cli import main
 from adapterops.cli.train_commands import parse_targets
 
+from train_helpers import build_tiny_llama, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def base_dir(smollm2_dir, tmp_path_factory):
     """A tiny random Llama with SmolLM2's vocabulary, tokenizer and chat template."""
     out = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, eos_token_id=2, pad_token_id=2,
+    model = build_tiny_llama(
+        vocab_size=49152, intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True,
+        eos_token_id=2, pad_token_id=2,
     )
-    transformers.LlamaForCausalLM(config).save_pretrained(out)
+    model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(smollm2_dir / name, out / name)
     return out
@@ -103,7 +96,8 @@ def test_errors_are_one_line(base_dir, data, tmp_path):
     bad.write_text('{"text": "ok"}\n{"prompt": 3, "completion": "x"}\n')
     r = train("--base", base_dir, "--data", bad, "-o", tmp_path / "y.st", "--steps", 1)
     assert r.exit_code == 1
-    assert r.output.startswith(f"Error: bad training data:\n{bad}:2: \"prompt\" and \"completion\" must be strings")
+    assert r.output.startswith(f"Error: bad training data: {bad}:2: \"prompt\" and \"completion\" must be strings")
+    assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "y.st").exists()
 
     r = train("--base", tmp_path, "--data", data, "-o", tmp_path / "y.st")

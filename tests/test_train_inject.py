@@ -12,25 +12,14 @@ from adapterops import load, lora_scale
 from adapterops.errors import AdapterOpsError, UnsupportedOperationError
 from adapterops.train import LoraLinear, NF4Linear, add_lora, find_targets, lora_adapter
 
+from train_helpers import build_tiny_llama, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread beats two (no barrier waits), on a shared machine by far."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_llama(seed: int = 0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+    model = build_tiny_llama(seed, vocab_size=96, intermediate_size=48, tie_word_embeddings=False)
+    return model.to(dtype).eval()
 
 
 class Toy(nn.Module):

@@ -9,16 +9,9 @@ from adapterops.quant import dequantize_nf4, quantize_nf4
 from adapterops.train import LoraLinear, NF4Linear, add_lora
 from adapterops.train.layers import lora_dtype
 
+from train_helpers import one_thread  # noqa: F401 (one_thread: an autouse fixture)
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread beats two (no barrier waits), on a shared machine by far."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomize_b(layer: LoraLinear, seed: int = 0) -> None:

@@ -12,6 +12,8 @@ from torch import nn
 from adapterops.errors import AdapterOpsError, FormatError
 from adapterops.train import IGNORE, add_lora, evaluate, lr_at, train_lora
 
+from train_helpers import build_tiny_llama, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+
 transformers = pytest.importorskip("transformers")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -19,23 +21,9 @@ VOCAB = 64
 TAIL = [5, 17, 33, 2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread beats two (no barrier waits), on a shared machine by far."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_llama(seed=0, device="cpu"):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
-    )
-    config._attn_implementation = "eager"  # deterministic on CUDA too (fused attention backward may not be)
-    return transformers.LlamaForCausalLM(config).to(device)
+    # eager attention: deterministic on CUDA too (fused attention backward may not be)
+    return build_tiny_llama(seed, vocab_size=VOCAB, intermediate_size=64, initializer_range=0.2, eager=True).to(device)
 
 
 def dataset(n=24, seed=0):

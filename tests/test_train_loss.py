@@ -8,24 +8,14 @@ from adapterops.train import IGNORE, add_lora, train_lora
 from adapterops.train import loss as loss_module
 from adapterops.train.loss import fused_head_supported, loss_fn
 
+from train_helpers import build_tiny_llama, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_llama(tied: bool, dtype=torch.float64):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, initializer_range=0.2,
-    )
-    return transformers.LlamaForCausalLM(config).to(dtype)
+    model = build_tiny_llama(vocab_size=80, intermediate_size=48, tie_word_embeddings=tied, initializer_range=0.2)
+    return model.to(dtype)
 
 
 def batch(seed=0):

@@ -7,6 +7,8 @@ import torch
 from adapterops import load
 from adapterops.train import add_lora, evaluate, tokenize_row, train_lora
 
+from train_helpers import one_thread  # noqa: F401 (one_thread: an autouse fixture)
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
@@ -19,15 +21,6 @@ QUESTIONS = [
 ]
 # Top layers only: backward stops at the lowest LoRA layer, which keeps this quick on a CPU.
 TARGETS = r"model\.layers\.2\d\.(self_attn\.(q|v)_proj|mlp\.down_proj)"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a shared 2-core machine one thread is several times faster than two (no barrier waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ class Group(click.Group):
         except Exception as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
-            raise click.ClickException(describe_error(exc)) from None
+            raise click.ClickException(" ".join(describe_error(exc).split())) from None  # always one line
 
 
 def describe_error(exc: Exception) -> str:

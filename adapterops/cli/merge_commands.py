@@ -76,16 +76,30 @@ def _run(fn, base, adapters, weights, output, device, dtype, force, quiet, as_js
     emit(data, as_json, _render_report)
 
 
+def _merge_options(*, weights_help: str):
+    """The options ``merge`` and ``unmerge`` share, in this order; only the ``--weights`` help differs."""
+    options = (
+        base_option,
+        adapter_option,
+        click.option("--weights", "-w", help=weights_help),
+        output_option("Output directory (or .safetensors file for a single-file base)."),
+        device_option,
+        dtype_option,
+        force_option,
+        quiet_option,
+        json_option,
+    )
+
+    def decorate(fn):
+        for option in reversed(options):  # as if stacked: the first option is applied last
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 @main.command()
-@base_option
-@adapter_option
-@click.option("--weights", "-w", help="Comma-separated weights, one per adapter (default: 1 each).")
-@output_option("Output directory (or .safetensors file for a single-file base).")
-@device_option
-@dtype_option
-@force_option
-@quiet_option
-@json_option
+@_merge_options(weights_help="Comma-separated weights, one per adapter (default: 1 each).")
 def merge(base, adapters, weights, output, device, dtype, force, quiet, as_json):
     """Merge adapters into a base checkpoint: W + sum_i w_i * scale_i * B_i A_i, streaming.
 
@@ -96,15 +110,7 @@ def merge(base, adapters, weights, output, device, dtype, force, quiet, as_json)
 
 
 @main.command()
-@base_option
-@adapter_option
-@click.option("--weights", "-w", help="The weights the adapters were merged with (default: 1 each).")
-@output_option("Output directory (or .safetensors file for a single-file base).")
-@device_option
-@dtype_option
-@force_option
-@quiet_option
-@json_option
+@_merge_options(weights_help="The weights the adapters were merged with (default: 1 each).")
 def unmerge(base, adapters, weights, output, device, dtype, force, quiet, as_json):
     """Subtract adapters from a merged checkpoint (merge with the weights negated; not for DoRA)."""
     _run(unmerge_checkpoint, base, adapters, _weights(weights, adapters, 1.0), output, device, dtype, force, quiet, as_json)

@@ -72,11 +72,16 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
         else:
             rows.append((number, row))
     if problems:
-        more = f"\n(and {len(problems) - _MAX_REPORTED} more)" if len(problems) > _MAX_REPORTED else ""
-        raise FormatError("bad training data:\n" + "\n".join(problems[:_MAX_REPORTED]) + more)
+        _report(problems)
     if not rows:
         raise FormatError(f"{path}: no rows (expected one JSON object per line)")
     return rows
+
+
+def _report(problems: Sequence[str]) -> None:
+    """Raise one FormatError naming the first few bad rows (file:line: what is wrong)."""
+    more = f" (and {len(problems) - _MAX_REPORTED} more)" if len(problems) > _MAX_REPORTED else ""
+    raise FormatError("bad training data: " + "; ".join(problems[:_MAX_REPORTED]) + more)
 
 
 def _check_row(row: Any) -> str | None:
@@ -220,8 +225,7 @@ def load_jsonl(
             continue
         examples.append(example)
     if problems:
-        more = f"\n(and {len(problems) - _MAX_REPORTED} more)" if len(problems) > _MAX_REPORTED else ""
-        raise FormatError("bad training data:\n" + "\n".join(problems[:_MAX_REPORTED]) + more)
+        _report(problems)
     if not examples:
         raise FormatError(f"{path}: no row has a token to train on after truncation to max_len={max_len}")
     if packing:

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Any
 
+from .._progress import TerminalLine, is_terminal
+
 __all__ = ["TrainProgress"]
 
 
@@ -19,8 +21,9 @@ class TrainProgress:
     def __init__(self, total: int, *, enabled: bool, stream=None) -> None:
         self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.tty = enabled and _isatty(self.stream)
-        self.total, self.start, self.last, self.width = total, time.perf_counter(), 0.0, 0
+        self.tty = enabled and is_terminal(self.stream)
+        self.total, self.start, self.last = total, time.perf_counter(), 0.0
+        self._line = TerminalLine(self.stream)
         self.first_step: int | None = None
 
     def update(self, info: dict[str, Any]) -> None:
@@ -40,27 +43,16 @@ class TrainProgress:
         if self.tty:
             if now - self.last >= 0.1 or info["step"] == self.total or "eval_loss" in info:
                 self.last = now
-                self.stream.write("\r" + text + " " * max(self.width - len(text), 0))
-                self.stream.flush()
-                self.width = len(text)
+                self._line.draw(text)
         elif info["step"] == self.total or "eval_loss" in info or info["step"] % max(1, self.total // 20) == 0:
             self.stream.write(text + "\n")
             self.stream.flush()
 
     def close(self) -> None:
-        if self.tty and self.width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.width = 0
+        if self.tty:
+            self._line.end()
 
 
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def _isatty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False

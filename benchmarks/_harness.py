@@ -1,0 +1,310 @@
+"""Shared pieces of the benchmark scripts: synthetic Llama checkpoints, subprocess-per-route timing, tables.
+
+The merge benchmarks (``bench_merge.py``, ``bench_nf4_merge.py``) time each route in a fresh
+interpreter: the parent re-runs the script with ``--child ROUTE``, the child times the route's work
+after its imports (with ``torch.cuda.synchronize()`` on CUDA and ``os.sync()`` of the output unless
+``--no-sync``) and prints one JSON line with the seconds and its peak resident memory
+(``ru_maxrss``; for ``copy``, of the ``cp`` child). Scripts import this module by name
+(``from _harness import ...``): Python puts the script's own folder first on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "INDEX",
+    "ShardRotation",
+    "add_merge_arguments",
+    "all_linear_adapter",
+    "describe_device",
+    "is_linear",
+    "llama_config",
+    "llama_tensors",
+    "parse_with_threads",
+    "print_table",
+    "remove_outputs",
+    "resolve_dims",
+    "time_child",
+    "time_routes",
+]
+
+INDEX = "model.safetensors.index.json"
+
+
+# --- building the inputs -----------------------------------------------------------------------
+
+
+def llama_tensors(layers: int, hidden: int, intermediate: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes of a Llama-2 checkpoint, in the order transformers saves them."""
+    names = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        names += [
+            (f"{p}.input_layernorm.weight", (hidden,)),
+            (f"{p}.mlp.down_proj.weight", (hidden, intermediate)),
+            (f"{p}.mlp.gate_proj.weight", (intermediate, hidden)),
+            (f"{p}.mlp.up_proj.weight", (intermediate, hidden)),
+            (f"{p}.post_attention_layernorm.weight", (hidden,)),
+            (f"{p}.self_attn.k_proj.weight", (hidden, hidden)),
+            (f"{p}.self_attn.o_proj.weight", (hidden, hidden)),
+            (f"{p}.self_attn.q_proj.weight", (hidden, hidden)),
+            (f"{p}.self_attn.v_proj.weight", (hidden, hidden)),
+        ]
+    return names + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+
+
+def is_linear(name: str, shape: tuple[int, ...]) -> bool:
+    """A decoder linear layer (attention or MLP projection): what an all-linear LoRA adapts."""
+    return len(shape) == 2 and (".mlp." in name or ".self_attn." in name)
+
+
+def llama_config(dims: dict, **extra: Any) -> dict:
+    """config.json of the synthetic bf16 Llama checkpoint of size ``dims``, plus ``extra`` keys."""
+    heads = max(1, dims["hidden"] // 128)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dims["hidden"],
+        "intermediate_size": dims["intermediate"], "num_hidden_layers": dims["layers"],
+        "num_attention_heads": heads, "num_key_value_heads": heads,
+        "vocab_size": dims["vocab"], "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+        "tie_word_embeddings": False, "dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, **extra,
+    }
+
+
+def all_linear_adapter(dims: dict, *, rank: int, alpha: float):
+    """A LoRA of ``rank`` on every linear layer of ``llama_tensors(**dims)``: fp32 factors, non-zero B.
+
+    ``A ~ N(0, 1/in)``, ``B ~ N(0, 0.01^2)`` (seed 1), so ``||dW|| / ||W||`` is about 0.1 on the synthetic bases.
+    """
+    import torch
+
+    from adapterops import Adapter, LoraLayer
+
+    g = torch.Generator().manual_seed(1)
+    layers = {}
+    for name, shape in llama_tensors(**dims):
+        if is_linear(name, shape):
+            out, inp = shape
+            A = torch.randn(rank, inp, generator=g) / inp**0.5  # (r, in)
+            B = torch.randn(out, rank, generator=g) * 0.01  # (out, r)
+            layers[name.removesuffix(".weight")] = LoraLayer(A, B, float(alpha))
+    return Adapter(layers)
+
+
+class ShardRotation:
+    """Writes tensors in order into ``count`` shards of about ``total / count`` (dense) bytes each.
+
+    Call :meth:`begin` with a tensor's dense size before adding its entries; it opens the next
+    shard once the bytes begun so far reach that shard's share.
+    """
+
+    def __init__(self, path: Path, total: float, count: int = 3) -> None:
+        self.path, self.target, self.count = path, total / count, count
+        self.index, self.done, self.writer = 0, 0.0, None
+        self.weight_map: dict[str, str] = {}
+
+    def begin(self, size: float) -> None:
+        from adapterops.checkpoint import ShardWriter
+
+        if self.writer is None or (self.done >= self.target * self.index and self.index < self.count):
+            if self.writer is not None:
+                self.writer.close()
+            self.index += 1
+            name = f"model-{self.index:05d}-of-{self.count:05d}.safetensors"
+            self.writer = ShardWriter(self.path / name, metadata={"format": "pt"})
+        self.done += size
+
+    def add(self, key: str, tensor: Any) -> None:
+        self.writer.add(key, tensor)
+        self.weight_map[key] = self.writer.path.name
+
+    def close(self) -> dict[str, str]:
+        """Close the last shard; returns the weight map (key -> shard file name)."""
+        self.writer.close()
+        return self.weight_map
+
+
+# --- the child: time one route -----------------------------------------------------------------
+
+
+def time_child(
+    fn: Callable[[Path, Path, Path, str], dict | None],
+    route: str,
+    base: Path,
+    adapter: Path,
+    out: Path,
+    device: str,
+    *,
+    sync: bool,
+    threads: int | None,
+    preload: Iterable[str] = (),
+) -> None:
+    """Run ``fn(base, adapter, out, device)`` timed and print ``{"seconds", "peak_rss", **fn's dict}``.
+
+    Imports (torch and ``preload``) happen before the clock starts; ``copy`` imports nothing.
+    """
+    if route != "copy":
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        for module in preload:
+            importlib.import_module(module)
+    start = time.perf_counter()
+    extra = fn(base, adapter, out, device) or {}
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+    if sync:
+        os.sync()
+    seconds = time.perf_counter() - start
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(json.dumps({"seconds": seconds, "peak_rss": kids if route == "copy" else own, **extra}))
+
+
+# --- the parent: run each route in its own process ---------------------------------------------
+
+
+def _run_route(script: str, route: str, base: Path, adapter: Path, out: Path, device: str, sync: bool, threads: int | None) -> tuple[dict, float]:
+    """One child run of ``script``; returns its result (or ``{"route", "error"}``) and the process's wall seconds."""
+    os.sync()
+    cmd = [sys.executable, script, "--child", route, "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--device", device]
+    cmd += ([] if sync else ["--no-sync"]) + ([f"--threads={threads}"] if threads else [])
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        return {"route": route, "error": lines[-1] if lines else f"exit {done.returncode}"}, wall
+    return {"route": route, **json.loads(done.stdout.strip().splitlines()[-1])}, wall
+
+
+def time_routes(
+    script: str,
+    routes: list[str],
+    *,
+    work: Path,
+    base: Path,
+    adapter: Path,
+    device: str,
+    sync: bool,
+    threads: int | None,
+    repeat: int,
+    annotate: Callable[[Path, float], dict] | None = None,
+) -> tuple[list[dict], dict[str, Path]]:
+    """Run each route ``repeat`` times (output in ``work/out-ROUTE``); keep the fastest run, the largest RSS.
+
+    ``annotate(out, process_seconds)`` adds keys to each successful run. Returns the results and
+    the output folder of each route; a route with any failed run reports its first failure.
+    """
+    results, outputs = [], {}
+    for route in routes:
+        out = work / f"out-{route}"
+        runs = []
+        for _ in range(max(1, repeat)):
+            shutil.rmtree(out, ignore_errors=True)
+            result, wall = _run_route(script, route, base, adapter, out, device, sync, threads)
+            if annotate is not None and "seconds" in result:
+                result.update(annotate(out, wall))
+            runs.append(result)
+        ok = [r for r in runs if "seconds" in r]
+        best = min(ok, key=lambda r: r["seconds"]) if len(ok) == len(runs) else next(r for r in runs if "seconds" not in r)
+        if "seconds" in best:
+            best = {**best, "peak_rss": max(r["peak_rss"] for r in ok), "runs": [r["seconds"] for r in ok]}
+        results.append(best)
+        outputs[route] = out
+        print(f"  {route}: " + (f"{best['seconds']:.1f} s" if "seconds" in best else f"failed: {best['error']}"), flush=True)
+    return results, outputs
+
+
+def remove_outputs(outputs: dict[str, Path], work: Path, *, keep: bool, own_work: bool) -> None:
+    """Delete the route outputs (and ``work`` itself when this run created it) unless ``keep``."""
+    if keep:
+        return
+    for out in outputs.values():
+        shutil.rmtree(out, ignore_errors=True)
+    if own_work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def print_table(results: list[dict], header: str, cells: Callable[[dict], str]) -> None:
+    """Route, seconds, ratio to ``copy``, peak RSS, then the script's own ``header`` / ``cells(result)``."""
+    copy = next((r["seconds"] for r in results if r["route"] == "copy" and "seconds" in r), None)
+    print()
+    print(f"{'route':<11} {'seconds':>8} {'x copy':>7} {'peak RSS':>9} {header}")
+    for r in results:
+        if "seconds" not in r:
+            print(f"{r['route']:<11} failed: {r['error']}")
+            continue
+        ratio = f"{r['seconds'] / copy:.2f}" if copy else "-"
+        print(f"{r['route']:<11} {r['seconds']:>8.1f} {ratio:>7} {r['peak_rss'] / 1e9:>7.2f}GB {cells(r)}")
+
+
+# --- options and devices -----------------------------------------------------------------------
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser, *, routes: Iterable[str], sizes: dict[str, dict]) -> None:
+    """The options every merge benchmark takes, and the hidden ones of its ``--child`` runs."""
+    routes = list(routes)
+    p = parser
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--size", choices=sorted(sizes), default=None, help="7b (default on cuda) or small (default on cpu)")
+    p.add_argument("--layers", type=int)
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--intermediate", type=int)
+    p.add_argument("--vocab", type=int)
+    p.add_argument("--routes", default=",".join(routes), help=f"comma-separated subset of {','.join(routes)}")
+    p.add_argument("--workdir", type=Path, default=None, help="where the checkpoint and outputs go (default: a new temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the workdir contents afterwards")
+    p.add_argument("--no-sync", dest="sync", action="store_false", help="do not include os.sync() of the output in the times")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads in every route (default: torch's choice)")
+    p.add_argument("--repeat", type=int, default=1, help="run each route this many times; report the fastest (and the largest RSS)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--base", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--adapter", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+
+
+def resolve_dims(args: argparse.Namespace, sizes: dict[str, dict]) -> tuple[str, dict]:
+    """The device (cuda if present) and the model dims: ``--size`` (7b on cuda, small on cpu) then overrides."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dims = dict(sizes[args.size or ("7b" if device.startswith("cuda") else "small")])
+    dims.update({k: getattr(args, k) for k in dims if getattr(args, k) is not None})
+    return device, dims
+
+
+def describe_device(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return f"{torch.cuda.get_device_name(torch.device(device))} (CUDA)"
+    return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+
+
+def parse_with_threads(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, Any]:
+    """Add ``--threads`` and ``--json``, parse, apply the thread count; returns the args and ``torch.device(args.device)``."""
+    import torch
+
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args, torch.device(args.device)
