@@ -202,7 +202,6 @@ def spectrum_stats(S: torch.Tensor) -> dict[str, float | int]:
 def diagnose(
     adapter: AdapterLike,
     base: BaseLike | None = None,
-    *,
     top_k: int = 10,
     epsilon: float = 0.5,
     device: torch.device | str | None = None,
@@ -274,7 +273,6 @@ def diagnose(
 def reduce_intruders(
     adapter: AdapterLike,
     base: BaseLike,
-    *,
     scale: float = 0.75,
     top_k: int = 10,
     epsilon: float = 0.5,

@@ -45,7 +45,6 @@ _CHUNK_BYTES = 512 * 1024 * 1024  # float32 differences held on the device at on
 def extract(
     base: str | Path,
     tuned: str | Path,
-    *,
     rank: int | None = None,
     energy: float | None = None,
     device: str | torch.device | None = None,

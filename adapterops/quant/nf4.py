@@ -304,7 +304,7 @@ def quantize_nf4_many(
     return out
 
 
-def quantize_nf4(w: torch.Tensor, *, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
     """NF4 of ``w`` (float32, float16 or bfloat16, any shape) on its device; see the module docstring.
 
     The 4-bit codes and float scales equal bitsandbytes' ``quantize_4bit(w, blocksize=blocksize,

@@ -292,7 +292,6 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def add_lora(
     model: nn.Module,
-    *,
     targets: Targets = "all-linear",
     rank: int = 16,
     alpha: float | None = None,
