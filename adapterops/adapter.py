@@ -8,6 +8,7 @@ their scale into ``B`` and set ``alpha = rank``. ``compress`` re-factors optimal
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -104,6 +105,7 @@ class Adapter(Mapping[str, LoraLayer]):
     """
 
     __slots__ = ("_layers", "_metadata")
+    __array_ufunc__ = None  # `numpy_scalar * adapter` defers to Adapter.__rmul__
 
     def __init__(self, layers: Mapping[str, LoraLayer], metadata: Mapping[str, Any] | None = None) -> None:
         for name, layer in layers.items():
@@ -362,7 +364,7 @@ def _safe_ratio(num: float, den: float) -> float:
 def _is_scalar(s: Any) -> bool:
     if isinstance(s, torch.Tensor):
         return s.numel() == 1
-    return isinstance(s, (int, float)) and not isinstance(s, bool)
+    return isinstance(s, numbers.Real) and not isinstance(s, bool)  # numpy scalars too
 
 
 def _refuse_dora(op: str, *adapters: Adapter) -> None:

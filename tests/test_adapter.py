@@ -7,6 +7,7 @@ independently of adapterops' own helpers.
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -183,6 +184,16 @@ def test_operators_are_exact(data, s):
     # ranks concatenate: exact sums need r1 + r2
     for name, layer in (a + b).items():
         assert layer.rank == a.ranks.get(name, 0) + b.ranks.get(name, 0)
+
+
+@PROPS
+@given(data=st.data(), s=weights.filter(lambda x: abs(x) > 1e-3))
+def test_numpy_and_tensor_scalars_work_like_floats(data, s):
+    a = data.draw(adapters(data.draw(models())))
+    for scalar in (np.float64(s), np.float32(s), torch.tensor(s, dtype=torch.float64)):
+        for result, factor in ((a * scalar, float(scalar)), (scalar * a, float(scalar)), (a / scalar, 1 / float(scalar))):
+            assert isinstance(result, Adapter)
+            assert_deltas(result, combine([(factor, a)]))
 
 
 @PROPS
