@@ -8,7 +8,8 @@ Rows per mode (lora, lora + gradient checkpointing, qlora):
   peft+autocast    the same inside torch.autocast(bf16)
   adapterops-loop  add_lora + the same plain loop (the layers alone)
   adapterops       add_lora + train_lora (its own loop: fused head + loss, bf16 autocast on CUDA)
-  adapterops+compile  the same with train_lora(compile=True) (torch.compile of the decoder layers)
+  adapterops+compile  the same with train_lora(compile=True) (torch.compile of the decoder layers;
+                     what train_lora does by default on CUDA; the adapterops row passes compile=False)
 
     python benchmarks/bench_train.py                    # the 1.1B config on cuda
     python benchmarks/bench_train.py --small            # a small config on cpu, a minute or two

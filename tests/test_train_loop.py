@@ -238,3 +238,30 @@ def test_compiled_blocks_train_to_the_same_losses():
     _, eager = go(False)
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
     torch.testing.assert_close(compiled.losses, eager.losses, rtol=1e-5, atol=1e-6)
+
+
+def _broken_compile(self, *args, **kwargs):
+    """Stands in for nn.Module.compile when the compiler fails at the first call."""
+
+    def fail(*a, **k):
+        raise RuntimeError("backend exploded")
+
+    self._compiled_call_impl = fail
+
+
+def test_automatic_compile_falls_back_to_eager_when_it_fails(monkeypatch):
+    from adapterops.train import loop
+
+    _, eager = run(compile=False)
+    monkeypatch.setattr(loop, "_compile_by_default", lambda device: True)
+    monkeypatch.setattr(nn.Module, "compile", _broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed .*backend exploded"):
+        model, result = run()
+    assert result.losses == eager.losses
+    assert all(block._compiled_call_impl is None for block in model.model.layers)
+
+
+def test_explicit_compile_failure_is_raised(monkeypatch):
+    monkeypatch.setattr(nn.Module, "compile", _broken_compile)
+    with pytest.raises(RuntimeError, match="backend exploded"):
+        run(compile=True)

