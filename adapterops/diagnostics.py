@@ -29,6 +29,7 @@ from ._svd_cache import BaseWeights, SvdCache, base_svd_chunks
 from .adapter import Adapter, LoraLayer
 from .checkpoint import Checkpoint
 from .errors import AdapterOpsError, NonFiniteError, ShapeMismatchError, UnsupportedOperationError
+from .rewrite import resolve_device
 
 __all__ = [
     "diagnose",
@@ -221,7 +222,7 @@ def diagnose(
     """
     adapter = _as_adapter(adapter)
     _check_options(top_k, epsilon)
-    dev = _device(device)
+    dev = resolve_device(device)
     spectra = _spectra(adapter, dev)
     extra: dict[str, dict[str, Any]] = {n: {} for n in adapter}
     summary_extra: dict[str, Any] = {}
@@ -293,7 +294,7 @@ def reduce_intruders(
     _check_options(top_k, epsilon)
     if not 0.0 <= scale <= 1.0:
         raise AdapterOpsError(f"scale must be in [0, 1] (the fraction of each intruder direction kept), got {scale}")
-    dev = _device(device)
+    dev = resolve_device(device)
     _check_adapter(adapter)
     weights = BaseWeights(base)
     targets = weights.match({n: layer.shape for n, layer in adapter.items()})
@@ -432,7 +433,7 @@ def compare(a: AdapterLike, b: AdapterLike, *, device: torch.device | str | None
     whole adapters (overlaps weighted by ``||dA|| ||dB||``).
     """
     a, b = _as_adapter(a), _as_adapter(b)
-    dev = _device(device)
+    dev = resolve_device(device)
     shared = [n for n in a if n in b]
     for n in shared:
         if a[n].shape != b[n].shape:
@@ -552,15 +553,6 @@ def _check_options(top_k: int, epsilon: float) -> None:
         raise AdapterOpsError(f"top_k must be a positive integer, got {top_k!r}")
     if not 0.0 < epsilon <= 1.0:
         raise AdapterOpsError(f"epsilon must be in (0, 1] (a threshold on |cosine|), got {epsilon}")
-
-
-def _device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise AdapterOpsError(f"unknown device {device!r} ({exc})") from None
 
 
 def _cache(cache: CacheLike) -> SvdCache:

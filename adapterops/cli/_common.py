@@ -114,11 +114,10 @@ def rank_rule(rank: int | None, energy: float | None, budget: int | None, *, req
 
 
 def default_device(device: str | None) -> str:
-    if device:
-        return device
-    import torch
+    """The --device value, or CUDA when present, else CPU; a clear error for one that is not here."""
+    from ..rewrite import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device(device))
 
 
 def is_tty() -> bool:
