@@ -1,54 +1,258 @@
-"""File plumbing shared by every writer and reader: atomic outputs, safe safetensors reads."""
+"""File plumbing shared by every writer and reader: atomic outputs (owner-tagged temporaries, a
+rename that never replaces what it must not, stale leftovers removed, a full disk said plainly),
+safe safetensors reads."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import logging
 import os
+import re
 import shutil
+import signal
 import struct
+import sys
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as _safetensors_bytes
 
-from .errors import FormatError, OutputExistsError
+from ._safetensors import read_header, read_tensor
+from ._progress import format_bytes
+from .errors import FormatError, NoSpaceError, OutputExistsError
+from .safety import Inputs, check_output
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 @contextmanager
-def atomic_output(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the body succeeds.
+def atomic_output(
+    path: str | os.PathLike, *, force: bool = False, inputs: Inputs | Iterable[str | os.PathLike | None] = (), need: int | None = None
+) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; it becomes ``path`` only if the body succeeds.
 
-    An interrupted write leaves at most a hidden ``.name.tmp-*`` entry, never a partial ``path``.
+    Before anything is written, ``check_output`` refuses a ``path`` that is, holds or lies inside
+    one of ``inputs`` (always) or that exists (unless ``force``), and leftovers of earlier runs to
+    ``path`` whose process is gone are removed (said through the ``adapterops`` logger). After the
+    body, the inputs are verified unchanged (``safety.Inputs``), then one rename publishes the
+    output: without ``force`` it never replaces anything, so an output that appeared meanwhile
+    (another process) fails with ``OutputExistsError`` and is left as it is; with ``force`` the old
+    output is swapped out atomically where the OS can (Linux ``RENAME_EXCHANGE``). Ctrl-C is held
+    back during the rename. A full disk is ``NoSpaceError``, saying how much was needed (``need``
+    bytes, when the caller knows) and how much is free.
+
+    An interrupted write leaves at most a hidden ``.name.tmp-OWNER-*`` entry, never a partial
+    ``path``; OWNER (boot id, pid and process start time) lets a later run tell it is stale.
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists; pass force=True (--force on the command line) to overwrite it")
+    watched = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
+    check_output(path, inputs=watched, force=force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_leftovers(path)
+    tmp = _sibling(path, "tmp")
     try:
-        yield tmp
-        if (path.is_dir() and not path.is_symlink()) or (tmp.is_dir() and path.exists()):
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.replace(tmp, path)
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            _remove(tmp)
+            raise no_space(path, need) from None
+        watched.verify()
+        with _sigint_held():
+            _commit(tmp, path, force=force)
+            _COMMITTED.add(os.path.abspath(path))
     finally:
+        _remove(tmp)  # after a swap, tmp holds the old output
+        _remove(tmp.with_name(tmp.name + ".grow"))
+
+
+def committed(path: str | os.PathLike) -> bool:
+    """Whether this process has published ``path`` through ``atomic_output`` (the CLI exits 0 then, even on Ctrl-C)."""
+    return os.path.abspath(path) in _COMMITTED
+
+
+def no_space(path: str | os.PathLike, need: int | None, free: int | None = None) -> NoSpaceError:
+    """The one message for a full disk: what was being written, what it needs, what is free."""
+    if free is None:
+        free = _free_space(Path(path))
+    needs = f"needs {format_bytes(need)}" if need else "needs more"
+    return NoSpaceError(f"no space left on device writing {path} ({needs}, {format_bytes(free)} free); free some space or write elsewhere")
+
+
+def require_space(path: str | os.PathLike, need: int) -> None:
+    """Fail before writing when the device that will hold ``path`` has less than ``need`` bytes free."""
+    free = _free_space(Path(path))
+    if free < need:
+        raise no_space(path, need, free)
+
+
+def remove_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Remove the hidden temporaries of earlier writes to ``path`` whose owning process is gone.
+
+    Entries of live processes, and names this module did not make, are left alone. Each removal
+    is logged (``adapterops`` logger, level WARNING); returns what was removed.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:tmp|old)-([0-9a-f]+)\.(\d+)\.(\d+)-[0-9a-f]{{8}}(?:\.grow)?$")
+    removed = []
+    try:
+        entries = [e for e in os.scandir(path.parent) if e.name.startswith(f".{path.name}.")]
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or _alive(m.group(1), int(m.group(2)), m.group(3)):
+            continue
+        _remove(Path(entry.path))
+        removed.append(Path(entry.path))
+        _log.warning("removed %s, left behind by an interrupted run (process %s is gone)", entry.path, m.group(2))
+    return removed
+
+
+_log = logging.getLogger("adapterops")
+_COMMITTED: set[str] = set()
+_AT_FDCWD = -100
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_RENAMEAT2: list[Any] = []  # [the libc function or None], looked up once
+
+
+def _commit(tmp: Path, path: Path, *, force: bool) -> None:
+    """Rename ``tmp`` onto ``path``; without ``force`` never replacing anything, with it atomically where possible."""
+    if force and (path.exists() or path.is_symlink()):
+        if _renameat2(tmp, path, _RENAME_EXCHANGE):
+            return  # the old output is now at tmp, removed by the caller
+        old = _sibling(path, "old")
+        os.rename(path, old)
+        os.rename(tmp, path)
+        _remove(old)
+        return
+    if _renameat2(tmp, path, _RENAME_NOREPLACE):
+        return
+    # No renameat2 here: claim the name with an operation that fails if it exists, then take it.
+    try:
         if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+            os.mkdir(path)  # an empty directory of our own, which the rename then replaces
+            os.rename(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
+    except FileExistsError:
+        raise _appeared(path) from None
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)`` through libc; False where the OS or file system lacks it."""
+    if not _RENAMEAT2:
+        fn = None
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).renameat2
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                fn = None
+        _RENAMEAT2.append(fn)
+    fn = _RENAMEAT2[0]
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    if err in (errno.EEXIST, errno.ENOTEMPTY) and flags == _RENAME_NOREPLACE:
+        raise _appeared(dst)
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _appeared(path: Path) -> OutputExistsError:
+    return OutputExistsError(
+        f"{path} appeared while this run was writing it (another process?); it was left as it is and nothing was written: "
+        "pass --force to replace it, or choose another output path"
+    )
+
+
+@contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold back Ctrl-C for the duration (main thread only), then deliver it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, None)
+        elif caught and previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{kind}-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
+
+
+def _owner_tag() -> str:
+    pid = os.getpid()
+    return f"{_boot_id()}.{pid}.{_start_time(pid) or 0}"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12] or "0"
+    except OSError:
+        return "0"
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, Linux), None when unknown or gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def _alive(boot: str, pid: int, start: str) -> bool:
+    """Whether the process that made a temporary still runs (same boot, same pid and start time)."""
+    if boot != "0" and boot != _boot_id():
+        return False
+    if start != "0" and Path("/proc").is_dir():
+        return _start_time(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError:
+        pass
+
+
+def _free_space(path: Path) -> int:
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    return shutil.disk_usage(parent).free
 
 
 def refuse_pickle(path: Path) -> None:
@@ -57,42 +261,53 @@ def refuse_pickle(path: Path) -> None:
 
 
 def read_safetensors(path: str | os.PathLike, keys: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the header metadata of a safetensors file, as FormatError on any failure."""
+    """All tensors and the header metadata of a safetensors file, as FormatError on any failure.
+
+    The header is checked as strictly as the safetensors library checks it (``_safetensors``), and
+    the bytes are read through one file descriptor, so a file whose name is not UTF-8 reads too.
+    """
+    path = _existing_file(path)
+    header = read_header(path)
+    if not keys:
+        return {}, dict(header.metadata)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        tensors = {name: read_tensor(entry, name, fd=fd) for name, entry in header.entries.items()}
+    finally:
+        os.close(fd)
+    return tensors, dict(header.metadata)
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """Tensor names and metadata, reading only the (checked) header."""
+    header = read_header(_existing_file(path))
+    return list(header.entries), dict(header.metadata)
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
     refuse_pickle(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if keys else {}
-    except FormatError:
-        raise
-    except Exception as exc:  # safetensors raises several unrelated types on corrupt input
-        raise FormatError(f"{path}: not a readable safetensors file ({exc})") from None
-    return tensors, metadata
-
-
-def safetensors_header(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
-    """Tensor names and metadata, reading only the header."""
-    path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys()), dict(f.metadata() or {})
-    except Exception as exc:
-        raise FormatError(f"{path}: not a readable safetensors file ({exc})") from None
+    return path
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in ``path``; FormatError when it is missing, unreadable or not strict JSON."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, expected a JSON file") from None
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise FormatError(f"{path}: not valid JSON ({exc if not isinstance(exc, RecursionError) else 'nested too deeply'})") from None
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

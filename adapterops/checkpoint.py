@@ -5,7 +5,9 @@ resolved through ``huggingface_hub`` (its local cache first, so offline use work
 The safetensors layout is simple enough to stream by hand: an 8-byte little-endian header length
 ``N``, ``N`` bytes of JSON (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, ...}`` plus an
 optional ``"__metadata__"`` of strings), then the raw tensor bytes; offsets are relative to the end
-of the header and must tile the data region. ``Checkpoint`` reads headers and byte ranges directly
+of the header and must tile the data region. Every shard header is checked before anything is read
+(``_safetensors.read_header``: at least the checks safetensors makes), and the index must agree
+with the shards (each tensor in exactly the shard its ``weight_map`` names). ``Checkpoint`` reads headers and byte ranges directly
 (no mmap, no decode of untouched tensors); ``ShardWriter`` writes a file tensor by tensor, reserving
 header space up front and filling it in at the end.
 
@@ -26,6 +28,8 @@ from typing import Any
 import torch
 
 from ._files import read_json, refuse_pickle
+from ._safetensors import TORCH_DTYPES, TensorEntry, read_header, read_tensor
+from ._safetensors import read_exact  # noqa: F401  (re-exported for the merge engine)
 from .errors import BaseMismatchError, FormatError
 
 __all__ = [
@@ -48,13 +52,8 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 # Models whose linear weights are stored (in, out) (GPT-2 style Conv1D).
 CONV1D_MODEL_TYPES = {"gpt2", "gpt_bigcode", "openai-gpt", "decision_transformer"}
-_MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
 
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+ST_DTYPES: dict[str, torch.dtype] = TORCH_DTYPES  # safetensors dtype name -> torch dtype
 _NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
@@ -92,50 +91,6 @@ def resolve_base(base: str | os.PathLike) -> Path:
         ) from None
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor lives: its file, safetensors dtype string, shape and absolute byte range."""
-
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int  # absolute, from the start of the file
-    nbytes: int
-
-
-def read_header(file: Path) -> tuple[int, dict[str, TensorEntry], dict[str, str]]:
-    """``(data start, entries in data order, __metadata__)`` of one safetensors file."""
-    try:
-        with open(file, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("file shorter than the 8-byte header length")
-            (size,) = struct.unpack("<Q", raw)
-            if size > _MAX_HEADER:
-                raise ValueError(f"header length {size} is implausible")
-            header = json.loads(f.read(size))
-        file_size = file.stat().st_size
-    except OSError as exc:
-        raise FormatError(f"{file}: cannot read ({exc.strerror or exc})") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{file}: not a readable safetensors file ({exc})") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{file}: not a readable safetensors file (header is not an object)")
-    metadata = header.pop("__metadata__", None) or {}
-    start = 8 + size
-    entries = {}
-    try:
-        for name, info in header.items():
-            begin, end = (int(x) for x in info["data_offsets"])
-            entries[name] = TensorEntry(file, str(info["dtype"]), tuple(int(s) for s in info["shape"]), start + begin, end - begin)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FormatError(f"{file}: not a readable safetensors file (bad header entry: {exc})") from None
-    if any(e.offset + e.nbytes > file_size or e.nbytes < 0 for e in entries.values()):
-        raise FormatError(f"{file}: truncated (a tensor ends past the end of the file)")
-    ordered = dict(sorted(entries.items(), key=lambda kv: kv[1].offset))
-    return start, ordered, {str(k): str(v) for k, v in metadata.items()}
-
-
 class Checkpoint:
     """Read-only view of a safetensors checkpoint: tensor names, shapes, dtypes, shards, side files."""
 
@@ -150,13 +105,7 @@ class Checkpoint:
         elif (path / INDEX_NAME).is_file():
             self.root = path
             self.index = read_json(path / INDEX_NAME)
-            weight_map = self.index.get("weight_map") if isinstance(self.index, dict) else None
-            if not isinstance(weight_map, dict):
-                raise FormatError(f"{path / INDEX_NAME}: no weight_map")
-            self.files = [path / f for f in dict.fromkeys(weight_map.values())]
-            missing = [f for f in self.files if not f.is_file()]
-            if missing:
-                raise FormatError(f"{path}: shard {missing[0].name} named in {INDEX_NAME} is missing")
+            self.files = _index_shards(path, self.index)
         elif (path / SINGLE_NAME).is_file():
             self.root, self.files, self.index = path, [path / SINGLE_NAME], None
         else:
@@ -170,9 +119,14 @@ class Checkpoint:
         self._metadata: dict[Path, dict[str, str]] = {}
         self._data_start: dict[Path, int] = {}
         for file in self.files:
-            start, entries, metadata = read_header(file)
-            self._data_start[file], self._metadata[file] = start, metadata
-            self._entries.update(entries)
+            header = read_header(file)
+            self._data_start[file], self._metadata[file] = header.start, header.metadata
+            for name, entry in header.entries.items():
+                if name in self._entries:
+                    raise FormatError(f"{path}: tensor {name} is stored twice, in {self._entries[name].file.name} and {file.name}")
+                self._entries[name] = entry
+        if self.index is not None:
+            _check_weight_map(path, self.index["weight_map"], self._entries)
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.source!r}, {len(self._entries)} tensors in {len(self.files)} file(s))"
@@ -220,23 +174,19 @@ class Checkpoint:
 
         ``out``: a uint8 buffer of at least ``nbytes(name)`` bytes (pinned memory, say) to read into.
         """
-        e = self._entries[name]
-        if e.dtype not in ST_DTYPES:
-            raise FormatError(f"{e.file}: tensor {name} has dtype {e.dtype}, which torch cannot hold")
-        buf = torch.empty(e.nbytes, dtype=torch.uint8) if out is None else out[: e.nbytes]
-        fd = os.open(e.file, os.O_RDONLY)
-        try:
-            read_exact(fd, buf, e.offset)
-        finally:
-            os.close(fd)
-        return buf.view(ST_DTYPES[e.dtype]).reshape(e.shape)
+        return read_tensor(self._entries[name], name, out=out)
 
     def get(self, name: str) -> torch.Tensor:
         return self.read(name)
 
     def config(self) -> dict[str, Any] | None:
         path = self.root / "config.json"
-        return read_json(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        config = read_json(path)
+        if not isinstance(config, dict):
+            raise FormatError(f"{path}: not a model config (expected a JSON object, found {type(config).__name__})")
+        return config
 
     def is_nf4(self) -> bool:
         return any(n.endswith(NF4_STATE_SUFFIX) for n in self._entries)
@@ -254,22 +204,43 @@ class Checkpoint:
         return config.get("model_type") in CONV1D_MODEL_TYPES
 
 
-def read_exact(fd: int, buf: torch.Tensor, offset: int) -> None:
-    """Fill the uint8 CPU tensor ``buf`` with the bytes of file ``fd`` starting at ``offset``."""
-    if not buf.numel():
-        return
-    view = memoryview(buf.numpy())
-    done = 0
-    while done < len(view):
-        if hasattr(os, "preadv"):
-            n = os.preadv(fd, [view[done:]], offset + done)
-        else:  # pragma: no cover - platforms without preadv
-            data = os.pread(fd, len(view) - done, offset + done)
-            view[done : done + len(data)] = data
-            n = len(data)
-        if not n:
-            raise FormatError(f"file truncated while reading {len(view)} bytes at offset {offset}")
-        done += n
+def _index_shards(root: Path, index: Any) -> list[Path]:
+    """The shard files an index names, in order of first mention, each a safetensors file inside ``root``."""
+    where = root / INDEX_NAME
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FormatError(f"{where}: no weight_map (expected an object mapping tensor names to shard files)")
+    shards = []
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or "\0" in shard:
+            raise FormatError(f"{where}: weight_map sends {name} to {shard!r}, which is not a file name")
+        parts = Path(shard).parts
+        if Path(shard).is_absolute() or ".." in parts or "\\" in shard:
+            raise FormatError(f"{where}: shard {shard!r} (for {name}) lies outside the checkpoint directory")
+        if not shard.endswith(".safetensors"):
+            raise FormatError(f"{where}: shard {shard!r} is not a safetensors file (only safetensors and JSON are ever parsed)")
+        shards.append(shard)
+    files = list(dict.fromkeys(root / f for f in shards))
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise FormatError(f"{root}: shard {missing[0].name} named in {INDEX_NAME} is missing")
+    return files
+
+
+def _check_weight_map(root: Path, weight_map: Mapping[str, str], entries: Mapping[str, TensorEntry]) -> None:
+    """Every tensor the index names is in the shard it names, and every stored tensor is named."""
+    where = root / INDEX_NAME
+    for name, shard in weight_map.items():
+        entry = entries.get(name)
+        if entry is None:
+            raise FormatError(f"{where}: tensor {name} is listed in {shard} but no shard holds it")
+        if entry.file != root / shard:
+            raise FormatError(f"{where}: tensor {name} is listed in {shard} but stored in {entry.file.name}")
+    unlisted = [n for n in entries if n not in weight_map]
+    if unlisted:
+        raise FormatError(
+            f"{where}: {len(unlisted)} stored tensor(s) missing from weight_map, e.g. {unlisted[0]} in {entries[unlisted[0]].file.name}"
+        )
 
 
 class ShardWriter:
