@@ -51,6 +51,7 @@ def test_train_writes_an_adapter_and_a_json_summary(base_dir, data, tmp_path):
     summary = json.loads(r.stdout)
     assert summary["steps"] == 3 and summary["format"] == "native" and summary["num_layers"] == 4
     assert summary["final_loss"] > 0 and summary["eval_loss"] > 0 and summary["tokens_per_second"] > 0
+    assert summary["warmup_seconds"] > 0 and summary["seconds"] >= summary["warmup_seconds"]
     adapter = load(out)
     assert list(adapter) == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in ("q", "v")]
     assert adapter.metadata["base_model"] == str(base_dir)

@@ -153,15 +153,15 @@ def test_truncation_and_rows_left_with_nothing_to_train(tok, tmp_path):
         load_jsonl(write(tmp_path / "e.jsonl", [{"prompt": "long long long prompt", "completion": "y"}]), tok, max_len=2)
 
 
-def test_packing_concatenates_and_cuts(tok, tmp_path):
+def test_packing_keeps_examples_whole(tok, tmp_path):
     rows = [{"text": f"row number {i}"} for i in range(5)]
     plain = load_jsonl(write(tmp_path / "d.jsonl", rows), tok)
-    packed = load_jsonl(tmp_path / "d.jsonl", tok, max_len=7, packing=True)
-    stream = [t for e in plain for t in e["input_ids"]]
-    assert [t for e in packed for t in e["input_ids"]] == stream
-    assert all(len(e["input_ids"]) == 7 for e in packed[:-1])
-    assert pack([{"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3]}], 2) == [
-        {"input_ids": [1, 2], "labels": [IGNORE, 2]}, {"input_ids": [3], "labels": [3]}]
+    packed = load_jsonl(tmp_path / "d.jsonl", tok, max_len=12, packing=True)
+    assert sorted(n for e in packed for n in e["lengths"]) == sorted(len(e["input_ids"]) for e in plain)
+    assert all(len(e["input_ids"]) <= 12 for e in packed) and len(packed) < len(plain)
+    assert packed.num_trained_tokens == plain.num_trained_tokens - len(plain)  # each first token: never predicted
+    assert pack([{"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}], 5) == [
+        {"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE, 2, 3, IGNORE, 5], "lengths": [3, 2]}]
     with pytest.raises(FormatError, match="packing needs max_len"):
         load_jsonl(tmp_path / "d.jsonl", tok, packing=True)
 

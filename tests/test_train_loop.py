@@ -116,6 +116,24 @@ def test_loss_falls_and_eval_is_reported():
     assert not model.training  # trained in train mode, handed back in eval mode as it came
 
 
+def test_throughput_is_steady_state_with_the_first_step_timed_apart():
+    model = tiny_llama()
+    add_lora(model, rank=2, seed=0)
+    data = dataset(8)
+    seen = []
+    result = train_lora(model, data, lr=1e-3, batch_size=4, steps=4, seed=0, callback=seen.append)
+    one = train_lora(model, data, lr=1e-3, batch_size=4, steps=1, seed=0)  # the same first batch (the seed picks it)
+    assert result.steady_tokens == result.tokens - one.tokens > 0
+    assert result.warmup_seconds > 0 and result.steady_seconds > 0
+    assert result.seconds == pytest.approx(result.warmup_seconds + result.steady_seconds)
+    assert result.tokens_per_second == pytest.approx(result.steady_tokens / result.steady_seconds)
+    assert seen[-1]["tokens_per_second"] == pytest.approx(result.tokens_per_second)
+    assert seen[0]["warmup_seconds"] == result.warmup_seconds
+    summary = result.to_dict()
+    assert summary["warmup_seconds"] == round(result.warmup_seconds, 3)
+    assert one.tokens_per_second  # nothing after warm-up: its own rate == pytest.approx(one.tokens / one.seconds)
+
+
 def test_evaluate_is_the_token_weighted_mean():
     model = tiny_llama().eval()
     add_lora(model, rank=2)

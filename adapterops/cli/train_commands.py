@@ -38,7 +38,7 @@ def _render(d: dict) -> str:
     lines = [f"trained {d['steps']} steps" + (f" (resumed at step {d['resumed_from']})" if d["resumed_from"] else "")
              + f": final loss {d['final_loss']:.4f}"
              + (f", eval loss {d['eval_loss']:.4f}" if d["eval_loss"] is not None else "")
-             + f", {d['tokens_per_second']:,.0f} tokens/s"]
+             + f", {d['tokens_per_second']:,.0f} tokens/s (steady state; first step {d['warmup_seconds']:.1f}s)"]
     lines.append(f"wrote {d['output']}: {d['num_layers']} layers, rank {d['rank']}, {d['num_params']:,} params ({d['format']})")
     return "\n".join(lines)
 

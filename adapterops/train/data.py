@@ -14,6 +14,7 @@ tokens before it. Bad rows raise one ``FormatError`` naming the file and the lin
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -234,23 +235,58 @@ def load_jsonl(
 
 
 def pack(examples: Sequence[Mapping[str, Sequence[int]]], max_len: int) -> list[dict[str, list[int]]]:
-    """Concatenate examples (each already ends with EOS) and cut the stream into ``max_len`` pieces.
+    """Pack whole examples into sequences of at most ``max_len`` tokens without cross-talk.
 
-    Labels travel with their tokens. Attention is causal over the whole piece, so a token may
-    attend to the end of the previous example, as in the usual packed pretraining setup.
+    Best-fit decreasing: the longest example first, each into the fullest sequence it still fits
+    in. A packed sequence is ``{"input_ids", "labels", "lengths"}``: ``lengths`` are its examples'
+    lengths in order, from which ``collate`` builds position ids that restart at 0 for every
+    example and the boundaries the attention is split at, so each example attends only to itself.
+    The label of each example's first token is ``IGNORE``: the token before it ends another
+    example, and an example run alone never predicts its first token either. Loss and gradients
+    equal those of the examples run one by one.
     """
-    ids: list[int] = []
-    labels: list[int] = []
-    for e in examples:
-        ids.extend(e["input_ids"])
-        labels.extend(e["labels"])
-    return [{"input_ids": ids[i : i + max_len], "labels": labels[i : i + max_len]} for i in range(0, len(ids), max_len)]
+    if max_len < 1:
+        raise FormatError(f"max_len must be positive, got {max_len}")
+    long = [i for i, e in enumerate(examples) if len(e["input_ids"]) > max_len]
+    if long:
+        i = long[0]
+        raise FormatError(f"example {i} has {len(examples[i]['input_ids'])} tokens, more than max_len={max_len}; truncate it first")
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin), sorted: the fullest bin that fits is a bisect away
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            bins.append([i])
+            room, b = max_len - n, len(bins) - 1
+        else:
+            room, b = free.pop(at)
+            bins[b].append(i)
+            room -= n
+        if room > 0:
+            bisect.insort(free, (room, b))
+    packed = []
+    for members in bins:
+        ids: list[int] = []
+        labels: list[int] = []
+        for i in members:
+            ids.extend(examples[i]["input_ids"])
+            labels.append(IGNORE)
+            labels.extend(examples[i]["labels"][1:])
+        packed.append({"input_ids": ids, "labels": labels, "lengths": [len(examples[i]["input_ids"]) for i in members]})
+    return packed
 
 
-def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: ``input_ids`` and ``attention_mask`` (B, T) int64, ``labels`` (B, T) with
-    ``IGNORE`` on padding."""
-    length = max(len(e["input_ids"]) for e in examples)
+def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_id: int = 0, *, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest row (at least ``pad_to``): ``input_ids`` and
+    ``attention_mask`` (B, T) int64, ``labels`` (B, T) with ``IGNORE`` on padding.
+
+    A batch holding packed rows (``lengths``, see ``pack``) also gets ``position_ids`` (B, T),
+    restarting at 0 at every example and at the padding (which forms a segment of its own), and
+    ``cu_seq_lens`` (S + 1,) int32, the offsets of the S segments in the flattened (B T) tokens.
+    """
+    length = max(pad_to or 0, max(len(e["input_ids"]) for e in examples))
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), length), dtype=torch.long)
@@ -259,4 +295,16 @@ def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_id: int = 0) ->
         ids[i, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
         labels[i, :n] = torch.as_tensor(e["labels"], dtype=torch.long)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any("lengths" in e for e in examples):
+        segments = []  # lengths of the segments of every row, the padding tail included
+        for e in examples:
+            row = list(e.get("lengths", [len(e["input_ids"])]))
+            tail = length - sum(row)
+            segments.append(row + ([tail] if tail else []))
+        flat = torch.tensor([n for row in segments for n in row], dtype=torch.long)  # (S,)
+        starts = torch.cumsum(flat, 0) - flat  # (S,) offsets in the flattened tokens
+        offsets = torch.repeat_interleave(starts, flat)  # (B T,) where each token's segment starts
+        batch["position_ids"] = (torch.arange(len(examples) * length) - offsets).reshape(len(examples), length)
+        batch["cu_seq_lens"] = torch.cat([starts, flat.sum().reshape(1)]).to(torch.int32)
+    return batch

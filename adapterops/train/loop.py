@@ -15,7 +15,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,8 @@ from torch import nn
 from ..adapter import Adapter
 from ..errors import AdapterOpsError
 from . import checkpoint as ckpt
-from .data import IGNORE, collate, load_jsonl
+from .attention import packed_attention, varlen_kernel_available
+from .data import IGNORE, collate, load_jsonl, pack
 from .inject import lora_adapter, lora_modules
 from .loss import loss_fn
 from .progress import TrainProgress
@@ -44,6 +45,9 @@ class TrainResult:
     tokens: int = 0  # input tokens (padding excluded) this run processed
     seconds: float = 0.0  # training time of this run, evaluation excluded
     resumed_from: int = 0  # the step this run started from
+    warmup_seconds: float = 0.0  # the first step of this run: compiling, autotuning, allocator growth
+    steady_tokens: int = 0  # tokens of the steps after the first
+    steady_seconds: float = 0.0  # and their time
 
     @property
     def final_loss(self) -> float | None:
@@ -55,6 +59,10 @@ class TrainResult:
 
     @property
     def tokens_per_second(self) -> float:
+        """Steady-state throughput: tokens per second over the steps after the first (whose
+        compile and warm-up time is ``warmup_seconds``); a one-step run has only its own."""
+        if self.steady_seconds > 0:
+            return self.steady_tokens / self.steady_seconds
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,6 +75,7 @@ class TrainResult:
             "losses": self.losses,
             "tokens": self.tokens,
             "seconds": round(self.seconds, 3),
+            "warmup_seconds": round(self.warmup_seconds, 3),
             "tokens_per_second": round(self.tokens_per_second, 1),
             "num_layers": len(self.adapter),
             "rank": self.adapter.rank,
@@ -184,6 +193,9 @@ def train_lora(
     restore_checkpointing = _enable_checkpointing(model) if gradient_checkpointing else None
     bar = TrainProgress(total, enabled=progress)
     tokens, seconds = 0, 0.0
+    warmup_seconds, steady_tokens, steady_seconds = 0.0, 0, 0.0
+    switches = ExitStack()  # packed batches on CUDA: flash varlen attention for the run
+    switches.enter_context(packed_attention(model, enabled=stream.packed and varlen_kernel_available(device, _compute_dtype(model, use_bf16))))
     model.train()
     try:
         for step in range(start, total):
@@ -193,7 +205,8 @@ def train_lora(
                 group["lr"] = group["base_lr"] * scale
             batches = [stream[step * grad_accum + i] for i in range(grad_accum)]
             n_trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-            tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+            step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            tokens += step_tokens
             try:
                 step_loss = _accumulate(batches, compute_loss, autocast, n_trained, device)
             except Exception as exc:
@@ -211,11 +224,17 @@ def train_lora(
             optimizer.zero_grad(set_to_none=True)
             step_loss = float(step_loss)  # the one wait for the device in a step
             grad_norm = None if grad_norm is None else float(grad_norm)
-            seconds += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            seconds += took
+            if step == start:  # the first step of a run compiles and warms up: timed apart
+                warmup_seconds = took
+            else:
+                steady_tokens, steady_seconds = steady_tokens + step_tokens, steady_seconds + took
             losses.append(step_loss)
             done = step + 1
+            rate = steady_tokens / steady_seconds if steady_seconds else tokens / seconds if seconds else 0.0
             info = {"step": done, "total_steps": total, "loss": step_loss, "lr": lr * scale, "grad_norm": grad_norm,
-                    "tokens_per_second": tokens / seconds if seconds else 0.0}
+                    "tokens_per_second": rate, "warmup_seconds": warmup_seconds}
             if evals is not None and ((eval_every and done % eval_every == 0) or done == total):
                 info["eval_loss"] = evaluate(model, evals, batch_size=batch_size, bf16=use_bf16, pad_id=pad_id, fused_loss=fused_loss)
                 eval_losses.append((done, info["eval_loss"]))
@@ -228,6 +247,7 @@ def train_lora(
                 break
     finally:
         bar.close()
+        switches.close()
         if restore_checkpointing is not None:
             restore_checkpointing()
         model.train(was_training)
@@ -239,6 +259,9 @@ def train_lora(
         tokens=tokens,
         seconds=seconds,
         resumed_from=start,
+        warmup_seconds=warmup_seconds,
+        steady_tokens=steady_tokens,
+        steady_seconds=steady_seconds,
     )
 
 
@@ -276,6 +299,8 @@ class _Batches:
     def __init__(self, data: Sequence[dict[str, Any]], batch_size: int, seed: int, pad_id: int, device: torch.device) -> None:
         self.data, self.batch_size, self.seed, self.pad_id = data, batch_size, seed, pad_id
         self.num_batches = math.ceil(len(data) / batch_size)
+        self.packed = any("lengths" in e for e in data)
+        self.pad_to = max(len(e["input_ids"]) for e in data) if self.packed else None  # one shape: one compiled graph
         self.pin = device.type == "cuda"
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 
@@ -285,7 +310,7 @@ class _Batches:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._order = epoch, torch.randperm(len(self.data), generator=generator)
         picked = self._order[j * self.batch_size : (j + 1) * self.batch_size].tolist()
-        batch = collate([self.data[i] for i in picked], self.pad_id)
+        batch = collate([self.data[i] for i in picked], self.pad_id, pad_to=self.pad_to)
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin else batch
 
 
@@ -302,7 +327,21 @@ def _examples(data: Any, tokenizer: Any, max_len: int | None, packing: bool, wha
             raise AdapterOpsError(f"{what}[{i}] must be a dict with at least 2 'input_ids' (and optional 'labels')")
         if "labels" in e and len(e["labels"]) != len(e["input_ids"]):
             raise AdapterOpsError(f"{what}[{i}]: 'labels' and 'input_ids' differ in length")
-    return [e if "labels" in e else {**e, "labels": list(e["input_ids"])} for e in examples]
+        if "lengths" in e and (sum(e["lengths"]) != len(e["input_ids"]) or min(e["lengths"], default=0) < 1):
+            raise AdapterOpsError(f"{what}[{i}]: 'lengths' must be positive and add up to the length of 'input_ids'")
+    examples = [e if "labels" in e else {**e, "labels": list(e["input_ids"])} for e in examples]
+    if not packing:
+        return examples
+    if max_len is None:
+        raise AdapterOpsError("packing needs max_len (the length of the packed sequences)")
+    return pack(examples, max_len)
+
+
+def _compute_dtype(model: nn.Module, bf16: bool) -> torch.dtype:
+    """The dtype the frozen model computes in: bfloat16 under autocast, else its weights' own."""
+    if bf16:
+        return torch.bfloat16
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), torch.float32)
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -358,6 +397,8 @@ def _accumulate(batches, compute_loss, autocast, n_trained: int, device: torch.d
     step_loss = torch.zeros((), device=device)
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if "cu_seq_lens" in batch:  # its length (the number of examples) varies: one graph for all
+            torch._dynamo.maybe_mark_dynamic(batch["cu_seq_lens"], 0)
         with autocast():
             loss = compute_loss(batch, 1.0 / max(n_trained, 1))
         loss.backward()

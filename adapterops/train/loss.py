@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import AdapterOpsError
 from .data import IGNORE
 from .layers import autocast_dtype
 
-__all__ = ["loss_fn", "fused_head_supported", "shifted_labels"]
+__all__ = ["loss_fn", "fused_head_supported", "shifted_labels", "model_inputs"]
 
 # Decoders whose causal-LM forward is ``lm_head(decoder(...).last_hidden_state)`` and nothing else.
 _PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "smollm3"}
@@ -70,7 +71,7 @@ def loss_fn(model: nn.Module, *, fused: bool | None = None) -> Callable[[dict[st
     head = model.get_output_embeddings()
 
     def fused_loss(batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        hidden = decoder(**model_inputs(batch), use_cache=False).last_hidden_state
         labels = shifted_labels(batch["labels"]).reshape(-1)  # (B T,)
         return _HeadCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, scale)
 
@@ -81,16 +82,41 @@ def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Keyword arguments of a Hugging Face forward for ``batch``.
+
+    Padded batches: ``input_ids`` and ``attention_mask``. Packed ones (``position_ids``, see
+    ``data.collate``): ``input_ids``, ``position_ids`` and no ``attention_mask``, which is how
+    transformers' masking utilities know to keep each example to itself, plus the segment offsets
+    (``cu_seq_lens_q/k``, ``max_length_q/k``: the row length, an upper bound) that the varlen
+    attention of ``adapterops.train.attention`` reads.
+    """
+    if "position_ids" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    cu, length = batch["cu_seq_lens"], batch["input_ids"].shape[1]
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": length, "max_length_k": length}
+
+
 def _forward_fn(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], Any]:
-    """``model(input_ids=, attention_mask=, use_cache=False)`` for Hugging Face style models,
-    ``model(input_ids)`` for any other."""
+    """``model(**model_inputs(batch), use_cache=False)`` for Hugging Face style models,
+    ``model(input_ids)`` for any other (which cannot take packed batches)."""
     import inspect
 
     params = inspect.signature(model.forward).parameters
     if "attention_mask" in params:
         extra = {"use_cache": False} if "use_cache" in params else {}
-        return lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **extra)
-    return lambda b: model(b["input_ids"])
+        return lambda b: model(**model_inputs(b), **extra)
+
+    def plain(b: dict[str, torch.Tensor]) -> Any:
+        if "position_ids" in b:
+            raise AdapterOpsError(
+                f"{type(model).__name__}.forward takes no position_ids, so packed examples would attend to each "
+                "other; train it without packing, or use a Hugging Face causal LM"
+            )
+        return model(b["input_ids"])
+
+    return plain
 
 
 class _HeadCrossEntropy(torch.autograd.Function):

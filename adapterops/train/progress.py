@@ -1,5 +1,8 @@
 """A one-line training progress report on stderr: step, loss, learning rate, tokens/s, time left.
 
+tokens/s is the steady-state rate (the steps after the first); the first step's time (compiling,
+warm-up) is shown apart.
+
 Redrawn in place at most ten times a second on a terminal; elsewhere (logs, pipes) a plain line
 every twentieth of the run and at every evaluation.
 """
@@ -36,7 +39,7 @@ class TrainProgress:
         eta = (now - self.start) / done * (self.total - info["step"])
         text = (
             f"step {info['step']}/{self.total}  loss {info['loss']:.4f}  lr {info['lr']:.2e}  "
-            f"{info['tokens_per_second']:,.0f} tok/s  eta {_duration(eta)}"
+            f"{info['tokens_per_second']:,.0f} tok/s  warm-up {info.get('warmup_seconds', 0.0):.1f}s  eta {_duration(eta)}"
         )
         if "eval_loss" in info:
             text += f"  eval {info['eval_loss']:.4f}"
