@@ -64,10 +64,15 @@ def st_dtype_name(dtype: torch.dtype) -> str:
     return _NAMES[dtype]
 
 
-def resolve_base(base: str | os.PathLike) -> Path:
-    """Local path of ``base``: the path itself if it exists, else a Hub snapshot (cache first)."""
+def resolve_base(base: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """Local path of ``base``: the path itself if it exists, else a Hub snapshot (cache first).
+
+    ``revision`` (a branch, tag or commit) picks the snapshot of a Hub id; it has no meaning for a path.
+    """
     path = Path(base)
     if path.exists():
+        if revision is not None:
+            raise FormatError(f"{base}: is a local path; a revision ({revision}) applies only to Hub repo ids")
         refuse_pickle(path)
         return path
     text = str(base)
@@ -76,13 +81,13 @@ def resolve_base(base: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(text, local_files_only=True, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(text, revision=revision, local_files_only=True, allow_patterns=_HUB_PATTERNS))
     except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise FormatError(f"{base}: not a local path, and not in the Hugging Face cache (offline mode is on); download it first or pass a directory")
     try:
-        return Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FormatError(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,31 @@ class Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with _library_warnings_on_stderr():
+                return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
             raise click.ClickException(" ".join(describe_error(exc).split())) from None  # always one line
+
+
+@contextmanager
+def _library_warnings_on_stderr() -> Iterator[None]:
+    """Warnings raised by adapterops itself become one ``Warning: ...`` line on stderr; others as usual."""
+    package = str(Path(__file__).resolve().parent.parent)
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if str(Path(filename).resolve()).startswith(package):
+                status(f"Warning: {' '.join(str(message).split())}")
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def describe_error(exc: Exception) -> str:
