@@ -9,6 +9,9 @@ __all__ = [
     "ShapeMismatchError",
     "NonFiniteError",
     "OutputExistsError",
+    "OutputOverlapError",
+    "InputChangedError",
+    "NoSpaceError",
     "UnsupportedOperationError",
     "BaseMismatchError",
 ]
@@ -32,6 +35,18 @@ class NonFiniteError(AdapterOpsError):
 
 class OutputExistsError(AdapterOpsError):
     """The output path exists and overwriting was not asked for."""
+
+
+class OutputOverlapError(AdapterOpsError):
+    """The output path is, contains, or lies inside an input (refused even with force)."""
+
+
+class InputChangedError(AdapterOpsError):
+    """An input file changed (size or modification time) while it was being read."""
+
+
+class NoSpaceError(AdapterOpsError, OSError):
+    """The device holding the output ran out of space (also an ``OSError``, as the failure it reports)."""
 
 
 class UnsupportedOperationError(AdapterOpsError):

@@ -35,12 +35,14 @@ from typing import Any
 
 import torch
 
-from ._files import atomic_output
-from ._progress import Progress, format_bytes
+from ._files import atomic_output, require_space
+from ._progress import Progress
 from .checkpoint import INDEX_NAME, ST_DTYPES, Checkpoint, ShardWriter, read_exact
-from .errors import AdapterOpsError, FormatError, OutputExistsError
+from .errors import AdapterOpsError, FormatError
+from .safety import FiniteCheck, Inputs
+from .safety import check_output as _check_output_path
 
-__all__ = ["Job", "Task", "RewriteResult", "rewrite", "check_output", "resolve_device"]
+__all__ = ["Job", "Task", "RewriteResult", "rewrite", "check_output", "checkpoint_inputs", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -110,14 +112,16 @@ class _Stopped(Exception):
 _END = object()
 
 
-def check_output(out: str | Path, checkpoint: Checkpoint, force: bool) -> None:
-    """Refuse an output that exists (unless ``force``) or that would replace or hold the base."""
-    target = Path(out).resolve()
-    for p in {checkpoint.root.resolve(), checkpoint.path.resolve(), *(f.resolve() for f in checkpoint.files)}:
-        if target == p or target in p.parents:
-            raise AdapterOpsError(f"{out}: writing there would overwrite the base checkpoint {checkpoint.source}; choose another output path")
-    if Path(out).exists() and not force:
-        raise OutputExistsError(f"{out} already exists; pass force=True (--force on the command line) to overwrite it")
+def checkpoint_inputs(checkpoint: Checkpoint) -> list[Path]:
+    """The paths a rewrite of ``checkpoint`` reads: its directory (or file) and every shard."""
+    return [checkpoint.path, *checkpoint.files]
+
+
+def check_output(out: str | Path, checkpoint: Checkpoint, force: bool, inputs: Inputs | Sequence[str | Path] = ()) -> None:
+    """``safety.check_output`` with the base checkpoint (and ``inputs``) as the inputs: ``out`` may not
+    be, hold or lie inside any of them, and may exist only with ``force``."""
+    paths = inputs.paths if isinstance(inputs, Inputs) else list(inputs)
+    _check_output_path(out, inputs=[*checkpoint_inputs(checkpoint), *paths], force=force)
 
 
 def rewrite(
@@ -131,27 +135,37 @@ def rewrite(
     config: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     label: str = "writing",
     batch: int | None = None,
+    inputs: Inputs | Sequence[str | Path] = (),
+    allow_nonfinite: bool = False,
 ) -> RewriteResult:
     """Stream ``checkpoint`` into ``out``, replacing the inputs of each job by its outputs.
 
     ``out`` is a directory, or a ``.safetensors`` file when the base is a single file.
-    ``batch``: most jobs per ``compute`` call (default 8 on CUDA, 1 elsewhere).
+    ``batch``: most jobs per ``compute`` call (default 8 on CUDA, 1 elsewhere). ``inputs``: other
+    files the output was computed from (adapters, say; a ``safety.Inputs`` snapshot taken before
+    they were read, or paths): like the base, never overwritten, and verified unchanged before the
+    output appears. Every tensor a job outputs is checked for NaN/Inf as it is written (tensors
+    copied byte for byte are not decoded); any makes the rewrite fail, with nothing at ``out``,
+    unless ``allow_nonfinite``.
     """
     start = time.perf_counter()
     dev = resolve_device(device)
     out = Path(out)
-    check_output(out, checkpoint, force)
+    watched = (inputs if isinstance(inputs, Inputs) else Inputs(inputs)).add(checkpoint_inputs(checkpoint))
+    check_output(out, checkpoint, force, watched)
     single_file = checkpoint.index is None and checkpoint.path.is_file() and out.suffix == ".safetensors"
     shards = _plan(checkpoint, jobs, single_file)
-    need = sum(s.nbytes for s in shards)
-    _check_space(out, need)
+    need = sum(s.nbytes for s in shards) + (0 if single_file else _side_bytes(checkpoint))
+    require_space(out, need)
     batch = batch or (8 if dev.type == "cuda" else 1)
     total_items = sum(len(s.items) for s in shards)
-    with atomic_output(out, force=force) as tmp:
+    finite = FiniteCheck(allow=allow_nonfinite)
+    with atomic_output(out, force=force, inputs=watched, need=need) as tmp:
         if not single_file:
             tmp.mkdir()
         with Progress(label, total_items=total_items, total_bytes=checkpoint.total_size, enabled=progress) as prog:
-            rows, written, read, nbytes = _Pipeline(checkpoint, jobs, dev, batch, prog).run(shards, tmp)
+            rows, written, read, nbytes = _Pipeline(checkpoint, jobs, dev, batch, prog, finite).run(shards, tmp)
+        finite.raise_if_any(out)
         if not single_file:
             _finish_directory(checkpoint, tmp, written, nbytes, config)
     tensors_out = sum(len(v) for v in written.values())
@@ -190,13 +204,10 @@ def _plan(checkpoint: Checkpoint, jobs: Mapping[str, Job], single_file: bool) ->
     return shards
 
 
-def _check_space(out: Path, need: int) -> None:
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    if free < need:
-        raise AdapterOpsError(f"{out}: the output needs about {format_bytes(need)} and {parent} has {format_bytes(free)} free; free some space or write elsewhere")
+def _side_bytes(checkpoint: Checkpoint) -> int:
+    """What the index and side files (config, tokenizer, ...) add to the output."""
+    index = checkpoint.root / INDEX_NAME if checkpoint.index is not None else None
+    return sum(p.stat().st_size for p in [*checkpoint.side_files(), *([index] if index else [])])
 
 
 def _finish_directory(checkpoint: Checkpoint, tmp: Path, written: Mapping[str, list[str]], nbytes: int, config: Callable | None) -> None:
@@ -221,8 +232,9 @@ def _finish_directory(checkpoint: Checkpoint, tmp: Path, written: Mapping[str, l
 class _Pipeline:
     """reader thread -> compute (calling thread) -> writer thread, joined by bounded queues."""
 
-    def __init__(self, checkpoint: Checkpoint, jobs: Mapping[str, Job], device: torch.device, batch: int, progress: Progress):
+    def __init__(self, checkpoint: Checkpoint, jobs: Mapping[str, Job], device: torch.device, batch: int, progress: Progress, finite: FiniteCheck):
         self.ck, self.jobs, self.dev, self.batch, self.progress = checkpoint, jobs, device, max(1, batch), progress
+        self.finite = finite  # sees every computed tensor once, as it is written
         self.cuda = device.type == "cuda"
         self.inbox: queue.Queue = queue.Queue(maxsize=self.batch + 1)
         self.outbox: queue.Queue = queue.Queue(maxsize=2)
@@ -408,6 +420,7 @@ class _Pipeline:
                     if done is not None:
                         done.synchronize()
                     for out_name, tensor in outputs.items():
+                        self.finite.add(out_name, tensor)
                         writer.add(out_name, tensor)
                         names.append(out_name)
                     if row is not None:

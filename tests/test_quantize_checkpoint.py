@@ -205,7 +205,7 @@ def test_errors_before_writing(tiny, tmp_path):
     assert result.exit_code == 2
     with pytest.raises(AdapterOpsError, match="blocksize must be one of"):
         quantize_checkpoint(tiny, tmp_path / "x", blocksize=48)
-    with pytest.raises(AdapterOpsError, match="overwrite the base"):
+    with pytest.raises(AdapterOpsError, match="is also an input"):
         quantize_checkpoint(tiny, tiny, force=True)
     assert not (tmp_path / "x").exists()
 
