@@ -63,7 +63,7 @@ def _render(d: dict) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Sequences per micro-batch.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--max-len", type=click.IntRange(min=2), default=1024, show_default=True, help="Truncate (or pack) sequences to this many tokens.")
-@click.option("--packing", is_flag=True, help="Pack examples into --max-len sequences.")
+@click.option("--packing", is_flag=True, help="Pack whole examples into --max-len rows; each attends only to itself.")
 @click.option("--warmup", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Warmup: a fraction of the steps (< 1) or a step count.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True, help="AdamW weight decay.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Gradient clipping (0: off).")
@@ -74,6 +74,8 @@ def _render(d: dict) -> str:
     "--compile/--no-compile", "compile_", default=None,
     help="torch.compile the decoder layers: faster steps after a slow first one (default: on for CUDA, off for CPU).",
 )
+@click.option("--fuse/--no-fuse", default=True, show_default=True,
+              help="Run LoRA layers that read one input (q/k/v, gate/up) as one GEMM each for base and LoRA A.")
 @click.option("--dtype", type=click.Choice(list(_DTYPES)), default="auto", show_default=True, help="Base weights dtype (auto: bf16 on cuda, fp32 on cpu).")
 @device_option
 @click.option("--checkpoint-dir", type=click.Path(), default=None, help="Save resumable checkpoints here.")
@@ -85,7 +87,7 @@ def _render(d: dict) -> str:
 @json_option
 def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rslora, init, lr, lr_ratio, epochs, steps,
           batch_size, grad_accum, max_len, packing, warmup, weight_decay, max_grad_norm, eval_every, qlora,
-          gradient_checkpointing, compile_, dtype, device, checkpoint_dir, save_every, resume, seed, force, quiet, as_json):
+          gradient_checkpointing, compile_, fuse, dtype, device, checkpoint_dir, save_every, resume, seed, force, quiet, as_json):
     """Train a LoRA adapter on the --base model with the JSONL --data; write it to -o.
 
     \b
@@ -132,7 +134,7 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
         grad_accum=grad_accum, max_grad_norm=max_grad_norm, warmup=warmup_value, weight_decay=weight_decay,
         eval_every=eval_every, seed=seed, gradient_checkpointing=gradient_checkpointing, compile=compile_,
         checkpoint_dir=checkpoint_dir or resume, save_every=save_every, resume_from=resume, progress=not quiet,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer, fuse=fuse,
     )
     adapter = result.adapter.to(device="cpu").with_metadata(base_model=str(base))
     adapter.save(output, format=fmt, force=force)

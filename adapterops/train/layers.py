@@ -138,6 +138,7 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.register_buffer("init_A", None)
         self.register_buffer("init_B", None)
+        self.group = None  # a fused.SharedInput this layer runs in, if any
 
     @property
     def fused(self) -> bool:
@@ -146,6 +147,8 @@ class LoraLinear(nn.Module):
         return type(base) is NF4Linear or (type(base) is nn.Linear and not _has_hooks(base))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:  # evaluated with its siblings on the same input (train.fused)
+            return self.group(self, x)
         h = self.dropout(x) if self.dropout is not None and self.training else None
         if self.fused:
             if type(self.base) is NF4Linear:
