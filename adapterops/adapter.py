@@ -176,20 +176,20 @@ class Adapter(Mapping[str, LoraLayer]):
     def __add__(self, other: Adapter) -> Adapter:
         if not isinstance(other, Adapter):
             return NotImplemented
-        return blend([self, other], [1.0, 1.0])
+        return _exact_sum([self, other], [1.0, 1.0])
 
     def __sub__(self, other: Adapter) -> Adapter:
         if not isinstance(other, Adapter):
             return NotImplemented
-        return blend([self, other], [1.0, -1.0])
+        return _exact_sum([self, other], [1.0, -1.0])
 
     def __neg__(self) -> Adapter:
-        return blend([self], [-1.0])
+        return _exact_sum([self], [-1.0])
 
     def __mul__(self, s: Scalar) -> Adapter:
         if not _is_scalar(s):
             return NotImplemented
-        return blend([self], [float(s)])
+        return _exact_sum([self], [float(s)])
 
     __rmul__ = __mul__
 
@@ -198,7 +198,7 @@ class Adapter(Mapping[str, LoraLayer]):
             return NotImplemented
         if s == 0:
             raise ZeroDivisionError("adapter divided by zero")
-        return blend([self], [1.0 / float(s)])
+        return _exact_sum([self], [1.0 / float(s)])
 
     def dot(self, other: Adapter, *, per_layer: bool = False) -> float | dict[str, float]:
         """Frobenius inner product of the deltas, summed over shared layers (or per shared layer)."""
@@ -314,7 +314,74 @@ class Adapter(Mapping[str, LoraLayer]):
         return applied(self, module, weight=weight)
 
 
-def blend(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
+def blend(
+    adapters: Sequence[Adapter],
+    weights: Sequence[float] | None = None,
+    method: str = "linear",
+    density: float | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    budget: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    **options: Any,
+) -> Adapter:
+    """Merge ``adapters`` with ``weights`` (default: equal, summing to 1) by a named ``method``.
+
+    ``"linear"`` is ``sum_i weights[i] * adapters[i]``, exact: ranks concatenate, scales fold into
+    B; with ``rank``/``energy``/``budget`` it is re-compressed optimally. Every other method
+    (``ties``, ``dare_ties``, ``knots_ties``, ...; see ``adapterops.methods``) is re-compressed
+    by at most one of ``rank``, ``energy``, ``budget``, default the largest input rank, and
+    reports per layer the kept rank and energy in ``metadata["blend"]``. ``density`` (in (0, 1])
+    and ``options`` (``majority_sign``, ``epsilon``, ``gamma``, ...) go to the method, which
+    refuses those it does not take; ``seed`` makes the random methods reproducible; ``device``
+    is where the work runs (default: where the factors are).
+    """
+    from .methods import get_method
+
+    adapters = list(adapters)
+    if not adapters:
+        raise AdapterOpsError("blend needs at least one adapter")
+    for i, adapter in enumerate(adapters):
+        if not isinstance(adapter, Adapter):
+            raise AdapterOpsError(f"blend input {i} is a {type(adapter).__name__}, expected an Adapter")
+    weights = [1.0 / len(adapters)] * len(adapters) if weights is None else _finite_weights(weights)
+    if len(adapters) != len(weights):
+        raise AdapterOpsError(f"{len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
+    _refuse_dora(f"blend (method {method})", *adapters)
+    fn = get_method(method)
+    if density is not None:
+        if not _is_scalar(density) or not 0 < float(density) <= 1:
+            raise AdapterOpsError(f"density must be in (0, 1], got {density}")
+        options["density"] = float(density)
+    given = {k: v for k, v in {"rank": rank, "energy": energy, "budget": budget}.items() if v is not None}
+    if len(given) > 1:
+        raise AdapterOpsError(f"give at most one of rank=, energy=, budget= (got {', '.join(given)})")
+    if given or not getattr(fn, "exact_by_default", False):
+        rule = given or {"rank": max(a.rank for a in adapters)}
+    else:
+        rule = None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise AdapterOpsError(f"seed must be an integer, got {seed!r}")
+    if device is not None:
+        from .rewrite import resolve_device
+
+        device = resolve_device(device)
+    return fn(adapters, weights, rule=rule, seed=int(seed), device=device, **options)
+
+
+def _finite_weights(weights: Sequence[float]) -> list[float]:
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise AdapterOpsError(f"weights must be numbers, got {list(weights)!r}") from None
+    bad = [i for i, w in enumerate(values) if not math.isfinite(w)]
+    if bad:
+        raise AdapterOpsError(f"weight {bad[0]} is {values[bad[0]]}; weights must be finite numbers")
+    return values
+
+
+def _exact_sum(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
     """``sum_i weights[i] * adapters[i]``, exact: ranks concatenate, scales fold into B.
 
     A layer present in only some adapters gets only their terms.

@@ -10,46 +10,9 @@ from hypothesis import strategies as st
 
 from adapterops.errors import AdapterOpsError
 from adapterops.methods import sparsify as sp
+from methods_helpers import ref_breadcrumbs, ref_ties
 
 SETTINGS = settings(max_examples=25, deadline=None)
-
-
-# --- an independent reference, entry by entry in numpy float64 --------------------------------
-
-def ref_topk(t: np.ndarray, density: float) -> np.ndarray:
-    flat = np.abs(t).ravel()
-    k = max(1, int(density * flat.size)) if density < 1 else flat.size
-    keep = np.zeros(flat.size, bool)
-    keep[np.argsort(-flat, kind="stable")[:k]] = True
-    return keep.reshape(t.shape)
-
-
-def ref_ties(x: np.ndarray, w: np.ndarray, density: float, vote: str, peft: bool) -> np.ndarray:
-    trimmed = np.stack([t * ref_topk(t, density) for t in x])
-    weighted = trimmed * w[:, None, None]
-    out = np.zeros(x.shape[1:])
-    for idx in np.ndindex(*x.shape[1:]):
-        col = trimmed[(slice(None),) + idx] if peft else weighted[(slice(None),) + idx]
-        score = col.sum() if vote == "total" else np.sign(col).sum()
-        s = 1.0 if score >= 0 else -1.0
-        agree = [i for i in range(len(x)) if np.sign(col[i]) == s]
-        total = sum(weighted[(i,) + idx] for i in agree)
-        if peft:
-            out[idx] = total / max(1, len(agree))
-        else:
-            div = sum(w[i] for i in agree)
-            out[idx] = total / (div if div != 0 else 1.0)
-    return out
-
-
-def ref_breadcrumbs(t: np.ndarray, density: float, gamma: float) -> np.ndarray:
-    flat = np.abs(t).ravel()
-    m = flat.size
-    keep_n, top_n = int(density * m), int(gamma * m)
-    bottom = max(0, m - keep_n - top_n)
-    keep = np.zeros(m, bool)
-    keep[np.argsort(flat, kind="stable")[bottom: bottom + keep_n]] = True
-    return t * keep.reshape(t.shape)
 
 
 tasks = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**31 - 1))
