@@ -17,8 +17,8 @@ so the left singular vectors of ``M`` are ``Ub y_j`` for the eigenvectors ``y_j`
 singular values, and ``sim_j = max_{i < n} |y_j[i]|`` because ``U^T Ub = [I, 0]``. ``G`` is applied
 to a block of ``p`` vectors in ``O(N r p)``; its top ``k`` eigenpairs come from restarted block
 Krylov iteration with Rayleigh-Ritz (``top_eigh``), started from the top base directions and ``L``,
-run to a residual of ``1e-10 * lambda_1`` (a dense ``eigh`` of ``G`` where that stalls or ``N`` is small). Only ``U`` and
-``S`` of the base are needed (``Vh`` never is), which is what the on-disk cache keeps.
+run to a residual of ``1e-10 * lambda_1`` (a dense ``eigh`` of ``G`` where that stalls or ``N`` is small). Only ``U``,
+``S`` and ``U^T W = S Vh`` of the base are needed (never ``W`` itself), which is what the on-disk cache keeps.
 
 Every function is batched over a leading dimension and device-agnostic.
 """
@@ -40,8 +40,9 @@ DENSE_BELOW = 384  # N at or below which G is formed and solved densely
 OVERSAMPLE = 16
 
 
-def base_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``U`` (b, out, n) and ``S`` (b, n), descending, of a batch of base weights ``W`` (b, out, in).
+def base_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U`` (b, out, n), ``S`` (b, n), descending, and ``U^T W = S Vh`` (b, n, in) of a batch of base
+    weights ``W`` (b, out, in): all that ``merged_top`` needs.
 
     From the float64 Gram matrix: ``eigh(W W^T)`` when ``out <= in``; otherwise ``eigh(W^T W) = V S^2 V^T``
     and ``U = W V S^-1`` -- or, when some ``s_i < 1e-5 s_1`` (a rank-deficient ``W``), ``U`` from a QR of
@@ -56,17 +57,20 @@ def base_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         evals, U = torch.linalg.eigh(Wd @ Wd.mT)  # (b, out, out), ascending
         U = U.flip(-1)
         S = evals.flip(-1).clamp_min(0).sqrt()
+        UtW = U.mT @ Wd  # (b, n, in)
     else:
         evals, V = torch.linalg.eigh(Wd.mT @ Wd)  # (b, in, in)
         S = evals.flip(-1).clamp_min(0).sqrt()
-        Y = Wd @ V.flip(-1)  # (b, out, in): columns s_i u_i, descending
+        V = V.flip(-1)
+        Y = Wd @ V  # (b, out, in): columns s_i u_i, descending
         if bool((S[..., -1] > 1e-5 * S[..., 0]).all()):
             U = Y / S[..., None, :]
         else:
             Q, R = torch.linalg.qr(Y)
             sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
             U = Q * torch.where(sign == 0, torch.ones_like(sign), sign)[..., None, :]
-    return U.to(torch.float32), S.to(torch.float32)
+        UtW = U.mT @ Wd  # (b, n, in): S Vh, also where U came from the QR
+    return U.to(torch.float32), S.to(torch.float32), UtW.to(torch.float32)
 
 
 class MergedTop(NamedTuple):
@@ -79,16 +83,18 @@ class MergedTop(NamedTuple):
 
 
 def merged_top(
-    W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, B: torch.Tensor, A: torch.Tensor, k: int, *, dense_below: int | None = None
+    UtW: torch.Tensor, U: torch.Tensor, S: torch.Tensor, B: torch.Tensor, A: torch.Tensor, k: int, *, dense_below: int | None = None
 ) -> MergedTop:
-    """The paper's quantities for ``M = W + B A``, batched: ``W`` (b, out, in), ``U`` (b, out, n),
-    ``S`` (b, n), ``B`` (b, out, r) scaled, ``A`` (b, r, in); ``k <= n``. See the module docstring."""
+    """The paper's quantities for ``M = W + B A``, batched: ``UtW = U^T W`` (b, n, in), ``U`` (b, out, n),
+    ``S`` (b, n), ``B`` (b, out, r) scaled, ``A`` (b, r, in); ``k <= n``. See the module docstring.
+
+    ``W`` itself is not needed: ``L = Ub^T [W A^T, B]`` has ``U^T W A^T = (U^T W) A^T`` on top and
+    ``P^T W A^T = 0`` below (``P`` is orthogonal to ``col(W)``)."""
     b, out, n = U.shape
     r = A.shape[-2]
     cdt = torch.float32
-    W, U, B, A = W.to(cdt), U.to(cdt), B.to(cdt), A.to(cdt)
-    X = torch.cat([W @ A.mT, B], dim=-1)  # (b, out, in) @ (b, in, r) -> (b, out, 2r)
-    L = (U.mT @ X).double()  # (b, n, 2r)
+    UtW, U, B, A = UtW.to(cdt), U.to(cdt), B.to(cdt), A.to(cdt)
+    L = torch.cat([UtW @ A.mT, U.mT @ B], dim=-1).double()  # (b, n, in) @ (b, in, r) | (b, n, r) -> (b, n, 2r)
     D = S.double() ** 2  # (b, n)
     P = None
     if n < out:  # tall W: col(U) is not everything, add the part of col(B) outside it

@@ -1,19 +1,29 @@
 """SVDs of base weights: read, hash, decompose on the device, and cache on disk.
 
-What is cached, and why all of it: the intruder test takes, for a vector ``m``, its largest
-``|<u_i, m>|`` over *every* left singular vector of ``W`` -- for a square ``W``, ``U`` is a basis of
-the whole space and ``m`` may align with any column, including those of tiny singular values,
-so no truncation of ``U`` gives the same answer. For a tall ``W`` (out > in) the thin ``U`` has
-``in`` columns, which span ``col(W)``; those are all the paper's definition uses. So each entry
-holds the full thin ``U`` (out, min(out, in)) and ``S`` in float32, which is also all that
-``_intruders.merged_top`` needs (``Vh`` never is). That is about ``4 * out * min(out, in)`` bytes
-per weight: 64 MiB for a 4096 x 4096 projection, ~22 GB for the 224 matrices of a 7B Llama.
+What the intruder test needs of a base weight ``W = U S Vh`` (thin, ``n = min(out, in)``), and so
+what an entry holds: ``S``, the whole thin ``U`` and ``U^T W = S Vh`` -- never ``W`` itself (see
+``_intruders.merged_top``). ``U`` has to be whole: for a vector ``m`` the test takes the largest
+``|<u_i, m>|`` over *every* column of ``U``, including those of tiny singular values, so no
+truncation gives the same answer.
+
+Precision: ``U`` and ``U^T W`` are stored in float16 (each row of ``U^T W = S Vh`` divided by its
+norm, kept in float32 with ``S``): 2 bytes per element instead of 4, and the base itself is never
+read again, so a cached run reads about 20 GB for the 224 matrices of a 7B Llama where it read 22 GB
+of ``U`` plus the 13.5 GB base. The top-k vectors of ``W + dW`` are eigenvectors of a matrix built
+from these, so their rounding is amplified by small eigenvalue gaps: measured on random
+decaying-spectrum weights of 512 to 2048 rows, similarities moved by at most 3e-4 (float16), where
+int8 codes in blocks of 64 moved them by up to 1.5e-2 and bfloat16 by up to 3.5e-3; hence float16
+(``benchmarks/bench_intruders.py`` checks the cached run against the dense float32 route). A
+weight's first run uses the unrounded values.
 
 Entries are safetensors files named by the SHA-256 of the weight's stored bytes (plus dtype, shape,
-orientation and the decomposition's version), under ``$ADAPTEROPS_CACHE/svd`` (default
-``~/.cache/adapterops/svd``), written atomically (temp file + rename) so that concurrent runs and
-interrupted writes never leave a partial entry. A corrupt or mismatched entry is recomputed.
-Delete the directory to reclaim the space.
+orientation and the decomposition's version), under the cache directory (``default_cache_dir``),
+written atomically (temp file + rename) so that concurrent runs and interrupted writes never leave
+a partial entry. A corrupt or mismatched entry is recomputed. So that a later run need not read
+and hash the base again, ``index/`` maps a stored weight's file identity (path, device, inode,
+size, mtime and ctime in ns, byte range) to its content key: an edited file gets a new identity
+and is hashed afresh. The cache is kept under a size limit (``max_bytes``, default
+``$ADAPTEROPS_CACHE_MAX_GB`` or 32 GB): after each run the least recently used entries go first.
 """
 
 from __future__ import annotations
@@ -28,24 +38,42 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import _intruders
 from ._files import atomic_output
+from ._safetensors import read_header, read_tensor
 from .checkpoint import NF4_STATE_SUFFIX, Checkpoint, Target, match_layers
 from .errors import FormatError, NonFiniteError
 
-__all__ = ["CACHE_ENV", "default_cache_dir", "SvdCache", "BaseWeights", "BaseChunk", "base_svd_chunks"]
+__all__ = ["CACHE_ENV", "CACHE_MAX_ENV", "default_cache_dir", "SvdCache", "BaseWeights", "BaseChunk", "base_svd_chunks"]
 
 CACHE_ENV = "ADAPTEROPS_CACHE"
-VERSION = "gram64-u32-1"  # change when _intruders.base_svd changes what it returns
+CACHE_MAX_ENV = "ADAPTEROPS_CACHE_MAX_GB"
+DEFAULT_MAX_BYTES = 32 * 10**9
+VERSION = "gram64-f16-2"  # change when _intruders.base_svd or the stored layout changes
 
 
 def default_cache_dir() -> Path:
-    """``$ADAPTEROPS_CACHE/svd``, or ``~/.cache/adapterops/svd``."""
+    """``$ADAPTEROPS_CACHE/svd``, else ``$XDG_CACHE_HOME/adapterops/svd``, else ``~/.cache/adapterops/svd``."""
     root = os.environ.get(CACHE_ENV)
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "adapterops") / "svd"
+    if root:
+        return Path(root).expanduser() / "svd"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "adapterops" / "svd"
+
+
+def default_max_bytes() -> int:
+    text = os.environ.get(CACHE_MAX_ENV)
+    if not text:
+        return DEFAULT_MAX_BYTES
+    try:
+        value = float(text)
+    except ValueError:
+        raise FormatError(f"{CACHE_MAX_ENV}={text!r}: expected a number of gigabytes") from None
+    if not value >= 0:
+        raise FormatError(f"{CACHE_MAX_ENV}={text!r}: expected a non-negative number of gigabytes")
+    return int(value * 1e9)
 
 
 def content_key(parts: Sequence[tuple[str, torch.Tensor]], *, transposed: bool) -> str:
@@ -59,49 +87,129 @@ def content_key(parts: Sequence[tuple[str, torch.Tensor]], *, transposed: bool) 
     return h.hexdigest()
 
 
+def half_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (m, d) as float16 rows of unit norm and the float32 row norms (no overflow, whatever the scale)."""
+    x = x.float()
+    norms = torch.linalg.vector_norm(x, dim=-1)  # (m,)
+    return (x / norms.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).to(torch.float16), norms
+
+
+@dataclass
+class CachedSvd:
+    """One entry as read from disk, on the CPU: ``U^T`` (n, out) float16, ``U^T W`` as unit rows
+    (n, in) float16 with their norms, and ``S`` (n,)."""
+
+    Ut: torch.Tensor
+    UtW_rows: torch.Tensor
+    UtW_norms: torch.Tensor
+    S: torch.Tensor
+
+    def decode(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``U`` (out, n), ``S`` (n,), ``U^T W`` (n, in), float32 on ``device``."""
+        U = self.Ut.to(device, non_blocking=True).float().mT
+        UtW = self.UtW_rows.to(device, non_blocking=True).float() * self.UtW_norms.to(device)[:, None]
+        return U, self.S.to(device), UtW
+
+
 class SvdCache:
-    """A directory of ``<key[:2]>/<key>.safetensors`` entries holding ``U`` and ``S``.
+    """A directory of ``<key[:2]>/<key>.safetensors`` entries, plus ``index/`` of file identities.
 
     ``enabled=False`` gives a cache that never finds nor keeps anything (it still counts misses).
+    ``max_bytes`` bounds the entries' total size (``prune``; default ``default_max_bytes()``).
     """
 
-    def __init__(self, directory: str | os.PathLike | None = None, *, enabled: bool = True) -> None:
+    def __init__(self, directory: str | os.PathLike | None = None, *, enabled: bool = True, max_bytes: int | None = None) -> None:
         self.directory = Path(directory).expanduser() if directory is not None else default_cache_dir()
         self.enabled = enabled
+        self.max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
         self.hits = 0
         self.misses = 0
+        self.pin = False  # read entries into pinned memory (set when they go to a GPU)
         self._write_failed = not enabled
 
     def path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"
 
-    def load(self, key: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(U, S)`` for ``key`` if present and well-formed for a weight of ``shape`` (out, in), else None."""
+    def load(self, key: str, shape: tuple[int, int]) -> CachedSvd | None:
+        """The entry for ``key`` if present and well-formed for a weight of ``shape`` (out, in), else None."""
         path = self.path(key)
         if not self.enabled or not path.is_file():
             return None
         out, inp = shape
         n = min(out, inp)
+        expect = {"Ut": ((n, out), "F16"), "UtW_rows": ((n, inp), "F16"), "UtW_norms": ((n,), "F32"), "S": ((n,), "F32")}
         try:
-            with safe_open(str(path), framework="pt") as f:
-                U, S = f.get_tensor("U"), f.get_tensor("S")
-        except Exception:  # corrupt entry: recompute and overwrite
+            header = read_header(path)
+            entries = {k: header.entries[k] for k in expect}
+            if any(e.shape != shape_ or e.dtype != dt for e, (shape_, dt) in zip(entries.values(), expect.values())):
+                return None
+            fd = os.open(path, os.O_RDONLY)
+            try:  # straight into (pinned, when bound for a GPU) memory; preadv releases the GIL
+                got = {k: read_tensor(e, k, fd=fd, out=torch.empty(e.nbytes, dtype=torch.uint8, pin_memory=self.pin)) for k, e in entries.items()}
+            finally:
+                os.close(fd)
+        except (FormatError, KeyError, OSError):  # corrupt or of another version: recompute and overwrite
             return None
-        if U.shape != (out, n) or S.shape != (n,) or U.dtype != torch.float32 or S.dtype != torch.float32:
-            return None
-        return U, S
+        try:
+            os.utime(path)  # least recently used goes first when pruning
+        except OSError:
+            pass
+        return CachedSvd(got["Ut"], got["UtW_rows"], got["UtW_norms"], got["S"])
 
-    def store(self, key: str, U: torch.Tensor, S: torch.Tensor) -> None:
+    def store(self, key: str, U: torch.Tensor, S: torch.Tensor, UtW: torch.Tensor) -> None:
         """Write one entry atomically; a failure (read-only or full disk) warns once and is otherwise ignored."""
         if self._write_failed:
             return
-        path = self.path(key)
+        rows, norms = half_rows(UtW)
+        tensors = {"Ut": U.mT.to(torch.float16).contiguous(), "UtW_rows": rows.contiguous(), "UtW_norms": norms, "S": S.float().contiguous()}
+        self._write(self.path(key), lambda tmp: save_file(tensors, str(tmp), metadata={"version": VERSION}))
+
+    def key_for(self, identity: str | None) -> str | None:
+        """The content key last recorded for a file identity (see ``BaseWeights.identity``), if any."""
+        if not self.enabled or identity is None:
+            return None
+        try:
+            text = (self.directory / "index" / identity[:2] / identity).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else None
+
+    def remember(self, identity: str | None, key: str) -> None:
+        if identity is not None:
+            self._write(self.directory / "index" / identity[:2] / identity, lambda tmp: tmp.write_text(key, encoding="ascii"))
+
+    def _write(self, path: Path, write) -> None:
+        if self._write_failed:
+            return
         try:
             with atomic_output(path, force=True) as tmp:
-                save_file({"U": U.contiguous(), "S": S.contiguous()}, str(tmp), metadata={"version": VERSION})
+                write(tmp)
         except OSError as exc:
             self._write_failed = True
-            warnings.warn(f"cannot write the SVD cache under {self.directory} ({exc}); continuing without it", stacklevel=2)
+            warnings.warn(f"cannot write the SVD cache under {self.directory} ({exc}); continuing without it", stacklevel=3)
+
+    def prune(self) -> int:
+        """Delete least recently used entries until their total size is within ``max_bytes``; returns bytes freed."""
+        if not self.enabled or not self.directory.is_dir():
+            return 0
+        entries = []
+        for path in self.directory.glob("??/*.safetensors"):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            entries.append((st.st_mtime_ns, st.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        freed = 0
+        for _, size, path in sorted(entries):
+            if total - freed <= self.max_bytes:
+                break
+            try:
+                path.unlink()
+                freed += size
+            except OSError:
+                pass
+        return freed
 
 
 class BaseWeights:
@@ -126,6 +234,16 @@ class BaseWeights:
             return match_layers(shapes, {n: tuple(t.shape) for n, t in self.tensors.items()})
         return match_layers(shapes, self.checkpoint, weight_shape=self._nf4_shape if self.nf4 else None)
 
+    def shape(self, target: Target) -> tuple[int, int]:
+        """The weight's (out, in), as ``load`` returns it (NF4: the shape it stands for; Conv1D: transposed)."""
+        if self.checkpoint is None:
+            shape = tuple(self.tensors[target.tensor].shape)
+        elif self.nf4:
+            shape = self._nf4_shape(target.tensor)
+        else:
+            shape = tuple(self.checkpoint.shape(target.tensor))
+        return (shape[1], shape[0]) if target.transposed else (shape[0], shape[1])
+
     def _nf4_shape(self, name: str) -> tuple[int, ...]:
         state = name + NF4_STATE_SUFFIX
         if state not in self.checkpoint:
@@ -149,6 +267,21 @@ class BaseWeights:
 
             return [tensor, *(tensor + s for s in STATE_SUFFIXES if tensor + s in self.checkpoint)]
         return [tensor]
+
+    def identity(self, target: Target) -> str | None:
+        """A name for where and how the weight is stored (file identity, byte ranges, orientation),
+        or None for a state dict: a cache may map it to the content key without reading the bytes."""
+        if self.checkpoint is None:
+            return None
+        parts = [VERSION, target.transposed]
+        for name in self._entry_names(target.tensor):
+            e = self.checkpoint.entry(name)
+            try:
+                st = os.stat(e.file)
+            except OSError:
+                return None
+            parts.append([os.path.realpath(e.file), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, name, e.offset, e.nbytes])
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def load(self, target: Target) -> tuple[torch.Tensor, str]:
         """The weight as float32 (out, in) on the CPU, and its content key."""
@@ -176,12 +309,14 @@ def _dequantize_nf4(tensor: str, entries: Mapping[str, torch.Tensor]) -> torch.T
 
 @dataclass
 class BaseChunk:
-    """A batch of adapter layers whose base weights share a shape: ``W`` (b, out, in), ``U``, ``S``."""
+    """A batch of adapter layers whose base weights share a shape, on the device: ``U`` (b, out, n),
+    ``S`` (b, n), ``UtW = U^T W`` (b, n, in), and ``W`` (b, out, in) only when it was asked for."""
 
     names: list[str]
-    W: torch.Tensor
     U: torch.Tensor
     S: torch.Tensor
+    UtW: torch.Tensor
+    W: torch.Tensor | None = None
 
 
 def base_svd_chunks(
@@ -191,58 +326,75 @@ def base_svd_chunks(
     *,
     device: torch.device,
     cache: SvdCache,
+    need_weight: bool = False,
     workers: int | None = None,
 ) -> Iterator[BaseChunk]:
     """Yield every layer of ``groups`` (lists of adapter layers whose base weights share a shape) in
-    chunks sized to the device's memory, with ``W``, ``U`` and ``S`` on ``device``.
+    chunks sized to the device's memory, with their SVDs (and ``W`` with ``need_weight``) on ``device``.
 
-    Reading, hashing and cache lookups of the next chunk run in threads while the current one is
-    decomposed (cache misses, batched) and consumed; cache writes run in a background thread.
+    A weight whose file identity the cache knows, and whose entry is there, is not read at all
+    (unless ``need_weight``); others are read and hashed. Reading, hashing and cache lookups of the
+    next chunk run in threads while the current one is decomposed (cache misses, batched) and
+    consumed; cache writes run in a background thread; the cache is pruned to its limit at the end.
     """
     workers = workers or min(8, os.cpu_count() or 1)
+    cache.pin = device.type == "cuda"
     plan = [chunk for names in groups for chunk in _chunked(list(names), _chunk_size(weights, targets[names[0]], device))]
     readers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapterops-read")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-cache")
     writes: list[Future] = []
 
     def prepare(name: str):
-        W, key = weights.load(targets[name])
-        return W, key, cache.load(key, tuple(W.shape))
+        target = targets[name]
+        identity = weights.identity(target)
+        key = cache.key_for(identity)
+        entry = cache.load(key, weights.shape(target)) if key else None
+        if entry is not None and not need_weight:
+            return None, key, entry, identity
+        W, key = weights.load(target)
+        return W, key, entry if entry is not None else cache.load(key, tuple(W.shape)), identity
 
     try:
         pending = [readers.submit(prepare, n) for n in plan[0]] if plan else []
         for i, names in enumerate(plan):
             items = [f.result() for f in pending]
             pending = [readers.submit(prepare, n) for n in plan[i + 1]] if i + 1 < len(plan) else []
-            W = torch.stack([it[0] for it in items]).to(device)  # (b, out, in)
+            parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [
+                None if it[2] is None else it[2].decode(device) for it in items
+            ]
             missing = [j for j, it in enumerate(items) if it[2] is None]
-            U_parts: list[torch.Tensor | None] = [None if it[2] is None else it[2][0] for it in items]
-            S_parts: list[torch.Tensor | None] = [None if it[2] is None else it[2][1] for it in items]
             if missing:
-                U_new, S_new = _intruders.base_svd(W[missing])
-                for j, U_j, S_j in zip(missing, U_new, S_new):
-                    U_parts[j], S_parts[j] = U_j, S_j
+                W_missing = torch.stack([items[j][0] for j in missing]).to(device)  # (m, out, in)
+                for j, U_j, S_j, UtW_j in zip(missing, *_intruders.base_svd(W_missing)):
+                    parts[j] = (U_j, S_j, UtW_j)
                     if cache.enabled:
-                        writes.append(writer.submit(cache.store, items[j][1], U_j.cpu(), S_j.cpu()))
+                        key, identity = items[j][1], items[j][3]
+                        writes.append(writer.submit(_store, cache, key, identity, U_j.cpu(), S_j.cpu(), UtW_j.cpu()))
+                del W_missing
+            for j, it in enumerate(items):
+                if it[2] is not None and it[0] is not None:
+                    writes.append(writer.submit(cache.remember, it[3], it[1]))
             cache.hits += len(items) - len(missing)
             cache.misses += len(missing)
-            U = torch.stack([u.to(device) for u in U_parts])  # (b, out, n)
-            S = torch.stack([s.to(device) for s in S_parts])  # (b, n)
-            yield BaseChunk(list(names), W, U, S)
+            U, S, UtW = (torch.stack(t) for t in zip(*parts))  # (b, out, n), (b, n), (b, n, in)
+            W = torch.stack([it[0] for it in items]).to(device) if need_weight else None
+            yield BaseChunk(list(names), U, S, UtW, W)
         for w in writes:
             w.result()
+        cache.prune()
     finally:
         readers.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True)
 
 
+def _store(cache: SvdCache, key: str, identity: str | None, U: torch.Tensor, S: torch.Tensor, UtW: torch.Tensor) -> None:
+    cache.store(key, U, S, UtW)
+    cache.remember(identity, key)
+
+
 def _chunk_size(weights: BaseWeights, target: Target, device: torch.device) -> int:
     """Layers per batch: about 40 bytes per weight element are live at once (float64 Gram, QR, U)."""
-    if weights.checkpoint is None:
-        numel = weights.tensors[target.tensor].numel()
-    else:
-        shape = weights._nf4_shape(target.tensor) if weights.nf4 else weights.checkpoint.shape(target.tensor)
-        numel = int(torch.Size(shape).numel())
+    numel = int(torch.Size(weights.shape(target)).numel())
     if device.type == "cuda":
         budget = int(torch.cuda.mem_get_info(device)[0] * 0.4)
     else:

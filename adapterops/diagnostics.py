@@ -299,7 +299,7 @@ def reduce_intruders(
     weights = BaseWeights(base)
     targets = weights.match({n: layer.shape for n, layer in adapter.items()})
     layers: dict[str, LoraLayer] = dict(adapter.items())
-    for chunk, B, A, top in _merged(adapter, weights, targets, top_k, dev, _cache(cache), progress, "reducing intruders"):
+    for chunk, B, A, top in _merged(adapter, weights, targets, top_k, dev, _cache(cache), progress, "reducing intruders", need_weight=True):
         for i, name in enumerate(chunk.names):
             hits = (top.similarity[i] < epsilon).nonzero().flatten()
             if hits.numel() == 0:
@@ -322,6 +322,7 @@ def _merged(
     cache: SvdCache,
     progress: bool,
     label: str,
+    need_weight: bool = False,
 ) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor, _intruders.MergedTop]]:
     """Per chunk of same-shape layers: the base chunk, scaled ``B`` and ``A`` on device, and the top-k of ``W + dW``."""
     groups: dict[tuple, list[str]] = {}
@@ -329,12 +330,12 @@ def _merged(
         groups.setdefault((layer.shape, layer.rank), []).append(name)
     total = sum(weights.nbytes(t) for t in targets.values())
     with Progress(label, total_items=len(targets), total_bytes=total, enabled=progress) as bar:
-        for chunk in base_svd_chunks(weights, targets, list(groups.values()), device=device, cache=cache):
+        for chunk in base_svd_chunks(weights, targets, list(groups.values()), device=device, cache=cache, need_weight=need_weight):
             folded = [adapter[n].to(device=device).folded(dtype=torch.float32) for n in chunk.names]
             B = torch.stack([f[0] for f in folded])  # (b, out, r)
             A = torch.stack([f[1] for f in folded])  # (b, r, in)
-            k = min(top_k, *chunk.W.shape[-2:])
-            yield chunk, B, A, _intruders.merged_top(chunk.W, chunk.U, chunk.S, B, A, k)
+            k = min(top_k, chunk.S.shape[-1])
+            yield chunk, B, A, _intruders.merged_top(chunk.UtW, chunk.U, chunk.S, B, A, k)
             bar.advance(len(chunk.names), sum(weights.nbytes(targets[n]) for n in chunk.names))
 
 

@@ -1,10 +1,11 @@
 """Shared pieces of the benchmark scripts: synthetic Llama checkpoints, subprocess-per-route timing, tables.
 
-The merge benchmarks (``bench_merge.py``, ``bench_nf4_merge.py``) time each route in a fresh
-interpreter: the parent re-runs the script with ``--child ROUTE``, the child times the route's work
-after its imports (with ``torch.cuda.synchronize()`` on CUDA and ``os.sync()`` of the output unless
-``--no-sync``) and prints one JSON line with the seconds and its peak resident memory
-(``ru_maxrss``; for ``copy``, of the ``cp`` child). Scripts import this module by name
+The merge benchmarks (``bench_merge.py``, ``bench_nf4_merge.py``) time each route as a whole
+process, the way a user runs it: ``cp -r`` and the ``adapterops`` command line as they are, the
+other routes as the script re-run with ``--child ROUTE``. The clock starts before the process does
+and stops after it exited and (unless ``--no-sync``) ``os.sync()`` wrote its output back, so
+start-up (interpreter, imports, CUDA) counts; ``--cold`` drops the page cache first. A child also
+reports its time after imports (``work_seconds``). Peak RSS is the process's ``ru_maxrss``. Scripts import this module by name
 (``from _harness import ...``): Python puts the script's own folder first on ``sys.path``.
 """
 
@@ -29,6 +30,8 @@ __all__ = [
     "ShardRotation",
     "add_merge_arguments",
     "all_linear_adapter",
+    "cli",
+    "drop_page_cache",
     "describe_device",
     "is_linear",
     "llama_config",
@@ -38,6 +41,7 @@ __all__ = [
     "remove_outputs",
     "resolve_dims",
     "time_child",
+    "time_command",
     "time_routes",
 ]
 
@@ -179,18 +183,64 @@ def time_child(
 # --- the parent: run each route in its own process ---------------------------------------------
 
 
-def _run_route(script: str, route: str, base: Path, adapter: Path, out: Path, device: str, sync: bool, threads: int | None) -> tuple[dict, float]:
-    """One child run of ``script``; returns its result (or ``{"route", "error"}``) and the process's wall seconds."""
+def cli(*args: object) -> list[str]:
+    """The ``adapterops`` command installed beside this interpreter, as a user runs it."""
+    exe = Path(sys.executable).with_name("adapterops")
+    return [str(exe) if exe.exists() else shutil.which("adapterops") or "adapterops", *map(str, args)]
+
+
+def drop_page_cache() -> bool:
+    """Write back dirty pages and drop the page cache (root on Linux); False where that is not allowed."""
     os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _route_command(script: str, route: str, base: Path, adapter: Path, out: Path, device: str, sync: bool, threads: int | None) -> list[str]:
     cmd = [sys.executable, script, "--child", route, "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--device", device]
-    cmd += ([] if sync else ["--no-sync"]) + ([f"--threads={threads}"] if threads else [])
+    return cmd + ([] if sync else ["--no-sync"]) + ([f"--threads={threads}"] if threads else [])
+
+
+def time_command(command: list[str], *, sync: bool = True, cold: bool = False, threads: int | None = None) -> dict:
+    """Run ``command`` as a whole process, timed from outside (start-up, work and, with ``sync``, the
+    write-back of its output all count); with ``cold`` the page cache is dropped first.
+
+    Returns ``returncode``, ``seconds``, ``peak_rss`` (``ru_maxrss`` of this process's children: the
+    command's own only when nothing larger ran before it, hence ``_run_route``'s fresh timer
+    interpreter), ``page_cache_dropped``, ``stdout`` and ``stderr``.
+    """
+    os.sync()
+    dropped = drop_page_cache() if cold else False
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        return {"route": route, "error": lines[-1] if lines else f"exit {done.returncode}"}, wall
-    return {"route": route, **json.loads(done.stdout.strip().splitlines()[-1])}, wall
+    child = subprocess.run(command, capture_output=True, text=True, env=env)
+    if sync:
+        os.sync()
+    seconds = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {"returncode": child.returncode, "seconds": seconds, "peak_rss": rss, "page_cache_dropped": dropped,
+            "stdout": child.stdout, "stderr": child.stderr}
+
+
+def _run_route(command: list[str], route: str, sync: bool, cold: bool, threads: int | None) -> dict:
+    """One timed run; a ``--child`` route's own time after imports is kept as ``work_seconds``."""
+    spec = json.dumps({"command": command, "sync": sync, "cold": cold, "threads": threads})
+    done = subprocess.run([sys.executable, __file__, "--timer", spec], capture_output=True, text=True, check=True)
+    run = json.loads(done.stdout)
+    if run.pop("returncode") != 0:
+        lines = run["stderr"].strip().splitlines()
+        return {"route": route, "error": lines[-1] if lines else "failed"}
+    result = {"route": route, **{k: v for k, v in run.items() if k != "stderr"}}
+    last = run["stdout"].strip().splitlines()[-1] if run["stdout"].strip() else ""
+    if last.startswith("{") and '"seconds"' in last:
+        inner = json.loads(last)
+        result["work_seconds"] = inner.pop("seconds")
+        inner.pop("peak_rss", None)
+        result.update(inner)
+    return result
 
 
 def time_routes(
@@ -204,12 +254,17 @@ def time_routes(
     sync: bool,
     threads: int | None,
     repeat: int,
-    annotate: Callable[[Path, float], dict] | None = None,
+    commands: dict[str, Callable[[Path], list[str]]] | None = None,
+    cold: bool = False,
+    annotate: Callable[[Path, dict], dict] | None = None,
 ) -> tuple[list[dict], dict[str, Path]]:
-    """Run each route ``repeat`` times (output in ``work/out-ROUTE``); keep the fastest run, the largest RSS.
+    """Run each route ``repeat`` times (output in ``work/out-ROUTE``); keep the fastest run.
 
-    ``annotate(out, process_seconds)`` adds keys to each successful run. Returns the results and
-    the output folder of each route; a route with any failed run reports its first failure.
+    ``commands[route](out)`` gives the command line of a route that is a plain command; the others
+    run as this script's children. ``annotate(out, result)`` adds keys to each successful run (it
+    sees the route's stdout as ``result["stdout"]``). Each run is timed by a fresh small interpreter,
+    so its peak RSS is the route's alone. Returns the results and the output folder of each route;
+    a route with any failed run reports its first failure.
     """
     results, outputs = [], {}
     for route in routes:
@@ -217,9 +272,14 @@ def time_routes(
         runs = []
         for _ in range(max(1, repeat)):
             shutil.rmtree(out, ignore_errors=True)
-            result, wall = _run_route(script, route, base, adapter, out, device, sync, threads)
+            if commands and route in commands:
+                command = commands[route](out)
+            else:
+                command = _route_command(script, route, base, adapter, out, device, sync, threads)
+            result = _run_route(command, route, sync, cold, threads)
             if annotate is not None and "seconds" in result:
-                result.update(annotate(out, wall))
+                result.update(annotate(out, result))
+            result.pop("stdout", None)
             runs.append(result)
         ok = [r for r in runs if "seconds" in r]
         best = min(ok, key=lambda r: r["seconds"]) if len(ok) == len(runs) else next(r for r in runs if "seconds" not in r)
@@ -273,6 +333,7 @@ def add_merge_arguments(parser: argparse.ArgumentParser, *, routes: Iterable[str
     p.add_argument("--no-sync", dest="sync", action="store_false", help="do not include os.sync() of the output in the times")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads in every route (default: torch's choice)")
     p.add_argument("--repeat", type=int, default=1, help="run each route this many times; report the fastest (and the largest RSS)")
+    p.add_argument("--cold", action="store_true", help="drop the page cache before each run (needs root), so inputs come from the disk")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--base", type=Path, help=argparse.SUPPRESS)
@@ -308,3 +369,8 @@ def parse_with_threads(parser: argparse.ArgumentParser) -> tuple[argparse.Namesp
     if args.threads:
         torch.set_num_threads(args.threads)
     return args, torch.device(args.device)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--timer"]:
+    spec = json.loads(sys.argv[2])
+    print(json.dumps(time_command(spec["command"], sync=spec["sync"], cold=spec["cold"], threads=spec["threads"])))

@@ -5,14 +5,17 @@ index, config.json; random values) and a PEFT adapter of rank 16 on every linear
 o, gate, up, down), then times, each in a fresh subprocess:
 
   copy        ``cp -r`` of the checkpoint: the I/O floor for writing a full model;
-  adapterops  ``adapterops.merge`` (streaming: reader thread, compute on --device, writer thread);
+  adapterops  ``adapterops merge --base B --adapter A --out O --device D --quiet``, the command line
+              (streaming: reader thread, compute on --device, writer thread);
   naive       shard by shard with no overlap: ``load_file(shard, device)``, ``W + s B A`` per adapted
               tensor, ``save_file`` of the shard;
   peft        ``AutoModelForCausalLM.from_pretrained`` (onto --device), ``PeftModel.from_pretrained``,
               ``merge_and_unload``, ``save_pretrained``.
 
-Reported per route: seconds of work (after imports; including ``os.sync()`` of the output unless
-``--no-sync``), the ratio to the copy, the peak resident memory of the process (``ru_maxrss``; for
+Reported per route: seconds of the whole process, start-up included (``copy`` and ``adapterops``
+are the commands themselves; ``naive`` and ``peft`` are this script re-run with ``--child``), plus
+``os.sync()`` of the output unless ``--no-sync``; with ``--cold`` the page cache is dropped before
+each run (root only); the ratio to the copy, the peak resident memory of the process (``ru_maxrss``; for
 ``cp``, of the ``cp`` child) and its ratio to the checkpoint size, the number of output shards,
 and whether the shard layout and index were kept. The adapterops output is checked against the
 naive one on a few tensors (bf16: within one ulp).
@@ -33,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +46,7 @@ from _harness import (
     ShardRotation,
     add_merge_arguments,
     all_linear_adapter,
+    cli,
     describe_device,
     llama_config,
     llama_tensors,
@@ -100,14 +103,12 @@ def build_adapter(path: Path, dims: dict) -> None:
 # --- the routes (run in a child process) -------------------------------------------------------
 
 
-def route_copy(base: Path, adapter: Path, out: Path, device: str) -> None:
-    subprocess.run(["cp", "-r", str(base), str(out)], check=True)
-
-
-def route_adapterops(base: Path, adapter: Path, out: Path, device: str) -> None:
-    import adapterops
-
-    adapterops.merge(base, adapter, out, device=device, progress=False)
+def commands(base: Path, adapter: Path, device: str) -> dict:
+    """The routes that are plain commands: ``cp -r`` and ``adapterops merge`` as a user types them."""
+    return {
+        "copy": lambda out: ["cp", "-r", str(base), str(out)],
+        "adapterops": lambda out: cli("merge", "--base", base, "--adapter", adapter, "--out", out, "--device", device, "--quiet"),
+    }
 
 
 def route_naive(base: Path, adapter: Path, out: Path, device: str) -> None:
@@ -200,7 +201,7 @@ def main() -> int:
 
     results, outputs = time_routes(
         __file__, routes, work=work, base=base, adapter=adapter, device=device, sync=args.sync, threads=args.threads,
-        repeat=args.repeat, annotate=lambda out, wall: {"process_seconds": wall, **layout(base, out)},
+        repeat=args.repeat, commands=commands(base, adapter, device), cold=args.cold, annotate=lambda out, result: layout(base, out),
     )
     check = None
     if {"adapterops", "naive"} <= set(outputs) and all(outputs[r].exists() for r in ("adapterops", "naive")):

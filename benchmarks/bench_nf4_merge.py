@@ -7,13 +7,15 @@ quantization_config) and a rank-16 adapter on every linear layer, then times, ea
 subprocess:
 
   copy        ``cp -r`` of the checkpoint: the I/O floor;
-  adapterops  ``adapterops.merge`` (streaming, NF4 in and out, batches of equal-shape layers on a GPU);
+  adapterops  ``adapterops merge ... --quiet --json``, the command line (streaming, NF4 in and out,
+              batches of equal-shape layers on a GPU);
   bnb         layer by layer with bitsandbytes' own functions: ``dequantize_4bit``, ``W + s B A`` in
               float32, ``quantize_4bit(compress_statistics=True)``, shard by shard through
               ``safetensors`` (skipped when bitsandbytes is not importable).
 
-Reported per route: seconds of work after imports (with ``os.sync()`` of the output unless
-``--no-sync``), the ratio to the copy, peak resident memory and the share of 4-bit codes that
+Reported per route: seconds of the whole process, start-up included (``copy`` and ``adapterops``
+are the commands themselves, ``bnb`` this script re-run with ``--child``), with ``os.sync()`` of the
+output unless ``--no-sync`` and, with ``--cold``, the page cache dropped before each run (root only); the ratio to the copy, peak resident memory and the share of 4-bit codes that
 equal adapterops' output on a few layers (the two routes quantize the same way; a code can only
 differ where the float32 sums differ in the last bit next to a threshold). The adapterops run also
 reports the median share of the delta NF4 kept (see the README).
@@ -29,7 +31,6 @@ import argparse
 import json
 import math
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +41,7 @@ from _harness import (
     ShardRotation,
     add_merge_arguments,
     all_linear_adapter,
+    cli,
     describe_device,
     is_linear,
     llama_config,
@@ -102,17 +104,21 @@ def build_adapter(path: Path, dims: dict) -> None:
 # --- the routes (run in a child process) -------------------------------------------------------
 
 
-def route_copy(base: Path, adapter: Path, out: Path, device: str) -> dict:
-    subprocess.run(["cp", "-r", str(base), str(out)], check=True)
-    return {}
+def commands(base: Path, adapter: Path, device: str) -> dict:
+    """The routes that are plain commands: ``cp -r`` and ``adapterops merge --json`` as a user types them."""
+    return {
+        "copy": lambda out: ["cp", "-r", str(base), str(out)],
+        "adapterops": lambda out: cli("merge", "--base", base, "--adapter", adapter, "--out", out, "--device", device, "--quiet", "--json"),
+    }
 
 
-def route_adapterops(base: Path, adapter: Path, out: Path, device: str) -> dict:
-    import adapterops
-
-    report = adapterops.merge(base, adapter, out, device=device, progress=False)
-    kept = sorted(r["retained"] for r in report.rows)
-    changed = sorted(r["codes_changed"] for r in report.rows)
+def report_medians(out: Path, result: dict) -> dict:
+    """Median ``retained`` and ``codes_changed`` from the merge command's ``--json`` report."""
+    if result["route"] != "adapterops":
+        return {}
+    rows = json.loads(result["stdout"])["rows"]
+    kept = sorted(r["retained"] for r in rows if r.get("retained") is not None)
+    changed = sorted(r["codes_changed"] for r in rows)
     return {"retained_median": kept[len(kept) // 2], "codes_changed_median": changed[len(changed) // 2]}
 
 
@@ -204,6 +210,7 @@ def main() -> int:
 
     results, outputs = time_routes(
         __file__, routes, work=work, base=base, adapter=adapter, device=device, sync=args.sync, threads=args.threads, repeat=args.repeat,
+        commands=commands(base, adapter, device), cold=args.cold, annotate=report_medians,
     )
     last = dims["layers"] - 1
     names = ["model.layers.0.self_attn.q_proj.weight", f"model.layers.{last}.mlp.down_proj.weight", f"model.layers.{last}.mlp.gate_proj.weight"]

@@ -1,6 +1,7 @@
 """adapterops.diagnostics against dense float64 references, planted structure, PEFT and a real model."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from adapterops import Adapter, LoraLayer, _intruders
-from adapterops._svd_cache import SvdCache, content_key
+from adapterops._svd_cache import BaseWeights, SvdCache, content_key, default_cache_dir, half_rows
 from adapterops.checkpoint import Checkpoint
 from adapterops.diagnostics import (
     Comparison,
@@ -115,8 +116,8 @@ def test_merged_top_matches_dense_paper(seed, out, inn, r, big, dense):
     full = torch.linalg.svdvals(W + B @ A)
     gaps = (full[:-1] - full[1:])[: k + 1] / full[0]
     assume(bool((gaps > 1e-3).all()))  # singular vectors of clustered values are not unique
-    U, S = _intruders.base_svd(W[None])
-    top = _intruders.merged_top(W[None], U, S, B[None], A[None], k, dense_below=None if dense else 0)
+    U, S, UtW = _intruders.base_svd(W[None])
+    top = _intruders.merged_top(UtW, U, S, B[None], A[None], k, dense_below=None if dense else 0)
     torch.testing.assert_close(top.values[0].double(), S_ref, rtol=1e-5, atol=1e-5 * float(full[0]))
     torch.testing.assert_close(top.similarity[0].double(), sims_ref, rtol=0, atol=1e-4)
     left = top.left[0].double()
@@ -130,9 +131,10 @@ def test_base_svd_matches_lapack(deficient):
         W = torch.randn(2, *shape, generator=g, dtype=torch.float64)
         if deficient:  # rank 10: the thin U still has to be orthonormal
             W = W[..., :10] @ torch.randn(2, 10, shape[1], generator=g, dtype=torch.float64)
-        U, S = _intruders.base_svd(W)
+        U, S, UtW = _intruders.base_svd(W)
         n = min(shape)
         assert U.shape == (2, shape[0], n) and S.shape == (2, n) and U.dtype == torch.float32
+        torch.testing.assert_close(UtW.double(), U.double().mT @ W, rtol=0, atol=1e-5)
         ref = torch.linalg.svdvals(W)
         torch.testing.assert_close(S.double(), ref, rtol=1e-6, atol=1e-6 * float(ref.max()))  # zeros come out ~1e-8 s_1
         k = 10 if deficient else n
@@ -287,7 +289,45 @@ def test_second_run_reads_the_cache(tmp_path, monkeypatch):
     calls.clear()
     second = diagnose(adapter, base, cache=tmp_path / "svd")
     assert calls == [] and (second.summary.base_svds_cached, second.summary.base_svds_computed) == (2, 0)
-    assert second.layers == first.layers
+    # the cache holds U and U^T W in float16: the decisions agree, the numbers within round-off
+    for a, b in zip(first.layers, second.layers):
+        assert (a.name, a.intruders, a.base_norm, a.singular_values) == (b.name, b.intruders, b.base_norm, b.singular_values)
+        bound = 1e-3  # see adapterops._svd_cache (measured: 3e-4)
+        torch.testing.assert_close(torch.tensor(b.similarities), torch.tensor(a.similarities), rtol=0, atol=bound)
+        torch.testing.assert_close(torch.tensor(b.merged_singular_values), torch.tensor(a.merged_singular_values), rtol=bound, atol=0)
+
+
+def test_cached_run_reads_no_base_weight(tmp_path, monkeypatch):
+    adapter, base = two_layer_case(tmp_path)
+    first = diagnose(adapter, base, cache=tmp_path / "svd")
+    monkeypatch.setattr(BaseWeights, "load", lambda *a: pytest.fail("the base was read although the cache knew it"))
+    again = diagnose(adapter, base, cache=tmp_path / "svd")
+    assert again.summary.base_svds_cached == 2 and again.summary.intruders == first.summary.intruders
+
+
+def test_half_rows_keep_any_scale():
+    x = torch.tensor([[3e5, -4e5], [1e-9, 2e-9], [0.0, 0.0]])
+    rows, norms = half_rows(x)
+    assert rows.dtype == torch.float16 and bool(torch.isfinite(rows).all())
+    torch.testing.assert_close(rows.float() * norms[:, None], x, rtol=1e-3, atol=0)
+
+
+def test_cache_size_limit_drops_least_recently_used(tmp_path):
+    cache = SvdCache(tmp_path, max_bytes=0)
+    for key in ("aa" * 32, "bb" * 32):
+        cache.store(key, torch.zeros(8, 8), torch.zeros(8), torch.zeros(8, 8))
+    size = cache.path("aa" * 32).stat().st_size
+    os.utime(cache.path("aa" * 32), ns=(1, 1))  # the older one
+    cache.max_bytes = size
+    assert cache.prune() == size and not cache.path("aa" * 32).exists() and cache.path("bb" * 32).exists()
+
+
+def test_cache_honours_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("ADAPTEROPS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "adapterops" / "svd"
+    monkeypatch.setenv("ADAPTEROPS_CACHE", str(tmp_path / "own"))
+    assert default_cache_dir() == tmp_path / "own" / "svd"
 
 
 def test_cache_default_dir_from_environment(tmp_path, monkeypatch):
@@ -339,7 +379,7 @@ def test_unwritable_cache_warns_and_continues(tmp_path):
 
 def test_cache_rejects_entries_of_the_wrong_shape(tmp_path):
     cache = SvdCache(tmp_path)
-    cache.store("ab" * 32, torch.zeros(5, 3), torch.zeros(3))
+    cache.store("ab" * 32, torch.zeros(5, 3), torch.zeros(3), torch.zeros(3, 3))
     assert cache.load("ab" * 32, (5, 3)) is not None
     assert cache.load("ab" * 32, (6, 3)) is None
 
