@@ -8,7 +8,6 @@ library computes the same things from the factors alone; a dispatch mode checks 
 """
 
 import math
-import zlib
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from adapterops import Adapter, AdapterOpsError, LoraLayer
 from adapterops.methods import get_method, sparsify
+from adapterops.methods.dense import _generators
 
 from train_helpers import one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
@@ -33,6 +33,8 @@ def make(rank: int, seed: int, names=("q", "v"), dtype=torch.float64, out=OUT, i
 
 
 def run(method, adapters, weights, rule=None, seed=0, **options):
+    if method.endswith(("ties", "dare")):
+        options.setdefault("density", 1.0)
     return get_method(method)(adapters, weights, rule=rule or {"rank": 10_000}, seed=seed, device=None, **options)
 
 
@@ -181,10 +183,9 @@ def test_dare_is_seeded_and_matches_the_dense_algorithm(method):
     torch.testing.assert_close(one.delta("q"), again.delta("q"), rtol=0, atol=0)
     assert not torch.allclose(one.delta("q"), other.delta("q"))
     # the same draws on the dense algorithm's coordinates: one generator per layer, seeded as documented
-    gen = torch.Generator().manual_seed(zlib.crc32(b"3/q"))
-
     def merge(x):
-        return sparsify.dare_merge(x, w, density=0.4, generator=gen, ties=True)
+        gens = _generators(3, ["q"], 2, torch.device("cpu"), "mask")
+        return sparsify.dare_merge(x, w, density=0.4, generator=gens, ties=True, item_dims=2)
 
     if method == "knots_dare":
         ref = knots_reference(adapters, "q", merge)
@@ -250,13 +251,58 @@ def test_rule_re_compresses_optimally_and_reports():
 
 def test_options_are_checked():
     adapters = [make(2, 1), make(2, 2)]
-    with pytest.raises(AdapterOpsError, match="does not take option.*gamma.*its options: density, majority_sign"):
+    with pytest.raises(AdapterOpsError, match="knots_ties does not take gamma; its options: density, majority_sign"):
         run("knots_ties", adapters, [1, 1], gamma=0.1)
+    with pytest.raises(AdapterOpsError, match="core_dare needs density"):
+        get_method("core_dare")(adapters, [1, 1], rule={"rank": 2}, seed=0, device=None)
+    with pytest.raises(AdapterOpsError, match="ties must be true or false"):
+        run("knots_dare", adapters, [1, 1], ties="yes")
     with pytest.raises(AdapterOpsError, match="density must be in"):
         run("core_dare", adapters, [1, 1], density=0.0)
     with pytest.raises(AdapterOpsError, match="majority_sign must be one of total, frequency"):
         run("core_ties", adapters, [1, 1], majority_sign="most")
-    with pytest.raises(AdapterOpsError, match="core_linear does not take option"):
+    with pytest.raises(AdapterOpsError, match="core_linear does not take density"):
         run("core_linear", adapters, [1, 1], density=0.5)
     with pytest.raises(AdapterOpsError, match="delta shapes differ"):
         run("tsv", [adapters[0], make(2, 3, out=OUT + 1)], [1, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# Every method's output loads in PEFT on SmolLM2 to the logits of base + merged delta
+
+NEEDS_DENSITY = {"linear", "core_linear", "tsv"}
+
+
+@pytest.mark.slow
+def test_every_method_loads_in_peft_on_smollm2(smollm2_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from adapterops import blend
+    from adapterops.methods import METHODS
+
+    base = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    modules = {f"model.layers.{i}.{m}": base.get_submodule(f"model.layers.{i}.{m}").weight.shape
+               for i in (3,) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+    g = torch.Generator().manual_seed(0)
+
+    def adapter(rank):
+        return Adapter({n: LoraLayer(torch.randn(rank, s[1], generator=g) / s[1] ** 0.5,
+                                     torch.randn(s[0], rank, generator=g) * 0.05, 2.0 * rank) for n, s in modules.items()},
+                       {"base_model": str(smollm2_dir)})
+
+    inputs = [adapter(4), adapter(6)]
+    tokens = torch.randint(0, base.config.vocab_size, (1, 12), generator=g)
+    with torch.no_grad():
+        plain = base(input_ids=tokens).logits
+    for method in sorted(METHODS):
+        options = {} if method in NEEDS_DENSITY else {"density": 0.5}
+        merged = blend(inputs, [0.7, 0.5], method=method, energy=0.95 if method == "knots_ties" else None, **options)
+        merged.save(tmp_path / method, format="peft")
+        with merged.applied(base), torch.no_grad():
+            expected = base(input_ids=tokens).logits
+        model = peft.PeftModel.from_pretrained(base, tmp_path / method).eval()
+        with torch.no_grad():
+            got = model(input_ids=tokens).logits
+        base = model.unload()
+        assert (expected - plain).abs().max() > 0.05, method  # the merge changes the model
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=2e-3, msg=lambda m: f"{method}: {m}")

@@ -42,7 +42,6 @@ through ``Adapter.compress``; ``metadata["blend"]`` reports each layer's kept ra
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +52,8 @@ from .. import linalg
 from ..adapter import Adapter, LoraLayer, _check_same_shape, _combined_metadata, _result_dtype
 from ..errors import AdapterOpsError
 from . import register_method, sparsify
+from .dense import _MISSING, _generators
+from .dense import _options as _known_options
 
 __all__ = ["knots_ties", "knots_dare", "core_linear", "core_ties", "core_dare", "tsv"]
 
@@ -90,10 +91,19 @@ def _majority_sign(value: Any) -> str:
     return value
 
 
-def _flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise AdapterOpsError(f"ties must be true or false, got {value!r}")
+def _convention(value: Any) -> str:
+    if value not in sparsify.CONVENTIONS:
+        raise AdapterOpsError(f"convention must be one of {', '.join(sparsify.CONVENTIONS)}, got {value!r}")
     return value
+
+
+def _flag(name: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value is not None and not isinstance(value, bool):
+            raise AdapterOpsError(f"{name} must be true or false, got {value!r}")
+        return value
+
+    return check
 
 
 def _fraction(value: Any) -> float:
@@ -103,36 +113,41 @@ def _fraction(value: Any) -> float:
     return value
 
 
-def _options(method: str, given: Mapping[str, Any], known: Mapping[str, tuple[Any, Callable[[Any], Any]]]) -> dict[str, Any]:
-    """``given`` checked against ``known`` (name -> (default, validator)); defaults filled in."""
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-        allowed = ", ".join(sorted(known)) or "none"
-        raise AdapterOpsError(f"{method} does not take option(s) {', '.join(unknown)}; its options: {allowed}")
-    return {name: check(given.get(name, default)) for name, (default, check) in known.items()}
+_CHECKS = {"density": _density, "majority_sign": _majority_sign, "convention": _convention, "ties": _flag("ties"),
+           "normalize": _flag("normalize"), "fraction": _fraction}
 
 
-_TIES_OPTIONS = {"density": (1.0, _density), "majority_sign": ("total", _majority_sign)}
-_DARE_OPTIONS = {"density": (0.5, _density), "ties": (True, _flag), "majority_sign": ("total", _majority_sign)}
+def _options(method: str, given: Mapping[str, Any], known: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` checked against ``known`` (name -> default; required ones as in ``dense``), values checked."""
+    values = _known_options(method, given, known)
+    return {name: _CHECKS[name](value) for name, value in values.items()}
+
+
+_SPARSIFY = {"majority_sign": "total", "convention": "mergekit", "normalize": None}
+_TIES_OPTIONS = {"density": _MISSING, **_SPARSIFY}
+_DARE_OPTIONS = {"density": _MISSING, "ties": True, **_SPARSIFY}
 
 
 # ---------------------------------------------------------------------------------------------
 # Elementwise merges of stacked task coordinates x (n, *shape) -> (*shape)
 
-Combine = Callable[[torch.Tensor, torch.Tensor, torch.Generator, Mapping[str, Any]], torch.Tensor]
+Combine = Callable[[torch.Tensor, torch.Tensor, list[torch.Generator], Mapping[str, Any]], torch.Tensor]
 
 
-def _ties(x: torch.Tensor, weights: torch.Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> torch.Tensor:
-    return sparsify.ties_merge(x, weights, density=options["density"], majority_sign=options["majority_sign"])
+def _sparsify_knobs(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: options[k] for k in _SPARSIFY}
 
 
-def _dare(x: torch.Tensor, weights: torch.Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> torch.Tensor:
-    return sparsify.dare_merge(
-        x, weights, density=options["density"], generator=generator, ties=options["ties"], majority_sign=options["majority_sign"]
-    )
+def _ties(x: torch.Tensor, weights: torch.Tensor, generators: list[torch.Generator], options: Mapping[str, Any]) -> torch.Tensor:
+    return sparsify.ties_merge(x, weights, density=options["density"], **_sparsify_knobs(options))
 
 
-def _linear(x: torch.Tensor, weights: torch.Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> torch.Tensor:
+def _dare(x: torch.Tensor, weights: torch.Tensor, generators: list[torch.Generator], options: Mapping[str, Any]) -> torch.Tensor:
+    return sparsify.dare_merge(x, weights, density=options["density"], generator=generators, ties=options["ties"],
+                               item_dims=x.ndim - 1, **_sparsify_knobs(options))
+
+
+def _linear(x: torch.Tensor, weights: torch.Tensor, generators: list[torch.Generator], options: Mapping[str, Any]) -> torch.Tensor:
     return torch.einsum("n,n...->...", weights, x)  # sum_i w_i x_i
 
 
@@ -176,7 +191,7 @@ def _finish(
     """Re-compress the merged factors under ``rule`` and attach the ``blend`` report."""
     order = [n for n in dict.fromkeys(n for a in adapters for n in a) if n in merged]
     exact = Adapter({n: LoraLayer(merged[n][1], merged[n][0], float(merged[n][1].shape[0])) for n in order})
-    kept = exact.compress(**rule, device=device)
+    kept = exact.compress(**rule, device=device) if rule else exact
     before, after = exact.norm(per_layer=True), kept.norm(per_layer=True)
     report = {}
     for name in dict.fromkeys(n for a in adapters for n in a):
@@ -188,7 +203,7 @@ def _finish(
         dtype = _result_dtype([adapters[i][name] for i in range(len(adapters)) if name in adapters[i]])
         layers[name] = layer.to(dtype=dtype)
     meta = _combined_metadata(adapters)
-    meta["blend"] = {"method": method, "options": dict(options), "layers": report}
+    meta["blend"] = {"method": method, "options": {k: v for k, v in options.items() if v is not None}, "layers": report}
     return Adapter(layers, meta)
 
 
@@ -201,12 +216,6 @@ def _canonical_signs(U: torch.Tensor) -> torch.Tensor:
     """
     peak = torch.gather(U, -2, U.abs().argmax(dim=-2, keepdim=True))  # (..., 1, k)
     return torch.where(peak < 0, -1.0, 1.0).to(U.dtype)
-
-
-def _layer_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
-    """The random stream of one layer, seeded by ``crc32(f"{seed}/{name}")``: a layer's draws do not
-    depend on which other layers the adapters hold or how they were batched."""
-    return torch.Generator(device=device).manual_seed(zlib.crc32(f"{int(seed)}/{name}".encode()))
 
 
 def _trim(S: torch.Tensor, shape: tuple[int, int], floor: float = 0.0) -> int:
@@ -254,8 +263,8 @@ def _knots(method: str, combine: Combine, known: Mapping, adapters, weights, *, 
             if U.shape[-1] == 0:
                 continue
             x = torch.stack(coords)  # (n, k, in)
-            generator = _layer_generator(seed, name, x.device)
-            merged[name] = (U, combine(x, group.weights, generator, opts))  # (out, k), (k, in)
+            generators = _generators(seed, [name], len(coords), x.device, "mask")  # one per task, from (seed, layer)
+            merged[name] = (U, combine(x, group.weights, generators, opts))  # (out, k), (k, in)
     return _finish(method, opts, adapters, merged, rule, device)
 
 
@@ -267,8 +276,8 @@ def knots_ties(adapters: Sequence[Adapter], weights: Sequence[float], *, rule: M
     ``[dW_1 ... dW_n] = U S [V_1^T ... V_n^T]``;  result ``U ties(S V_1^T, ..., S V_n^T)``, where
     ``ties`` trims each task to its top ``density`` entries by magnitude, elects a sign per entry
     (``majority_sign``: ``"total"`` mass or ``"frequency"``) and takes the disjoint mean (Yadav et al.
-    2023). Options: ``density`` (default 1.0: no trimming, the authors' setting for LLMs),
-    ``majority_sign`` (default ``"total"``).
+    2023). Options: ``density`` (required; the authors use 1.0, no trimming, for LLMs),
+    ``majority_sign`` (default ``"total"``), ``convention`` and ``normalize`` (see ``sparsify``).
     """
     return _knots("knots_ties", _ties, _TIES_OPTIONS, adapters, weights, rule=rule, seed=seed, device=device, **options)
 
@@ -281,7 +290,8 @@ def knots_dare(adapters: Sequence[Adapter], weights: Sequence[float], *, rule: M
     Each entry of ``S V_i^T`` is kept with probability ``density`` and rescaled by ``1 / density``
     (Yu et al. 2024), then the tasks are combined with TIES' sign election and disjoint mean
     (``ties=True``, the authors' KnOTS-DARE-TIES) or summed with their weights (``ties=False``).
-    Options: ``density`` (default 0.5), ``ties`` (default True), ``majority_sign``. Seeded by ``seed``.
+    Options: ``density`` (required), ``ties`` (default True), ``majority_sign``, ``convention``,
+    ``normalize``. Seeded per layer and task by ``(seed, layer name)``, as the dense methods are.
     """
     return _knots("knots_dare", _dare, _DARE_OPTIONS, adapters, weights, rule=rule, seed=seed, device=device, **options)
 
@@ -319,8 +329,8 @@ def _core(method: str, combine: Combine, known: Mapping, adapters, weights, *, r
         for name, (UB, VA, cores) in zip(group.names, _core_layers(group)):
             if UB.shape[-1] == 0 or VA.shape[-1] == 0:
                 continue
-            generator = _layer_generator(seed, name, UB.device)
-            M = combine(torch.stack(cores), group.weights, generator, opts)  # (n, kb, ka) -> (kb, ka)
+            generators = _generators(seed, [name], len(cores), UB.device, "mask")  # one per task, from (seed, layer)
+            M = combine(torch.stack(cores), group.weights, generators, opts)  # (n, kb, ka) -> (kb, ka)
             merged[name] = (UB @ M, VA.mT)  # (out, kb) @ (kb, ka) -> (out, ka); (ka, in)
     return _finish(method, opts, adapters, merged, rule, device)
 
@@ -330,10 +340,13 @@ def core_linear(adapters: Sequence[Adapter], weights: Sequence[float], *, rule: 
                 device: torch.device | None = None, **options: Any) -> Adapter:
     """Linear merge in core space (Panariello et al. 2025): ``U_B (sum_i w_i M_i) V_A^T``.
 
-    Exactly ``sum_i w_i dW_i`` (the bases span every task), then re-compressed under ``rule``.
-    No options.
+    Exactly ``sum_i w_i dW_i`` (the bases span every task); like ``linear`` it is re-compressed
+    only when a rule is asked for. No options.
     """
     return _core("core_linear", _linear, {}, adapters, weights, rule=rule, seed=seed, device=device, **options)
+
+
+core_linear.exact_by_default = True  # blend passes no rule unless one was asked for
 
 
 @register_method("core_ties")
@@ -342,7 +355,7 @@ def core_ties(adapters: Sequence[Adapter], weights: Sequence[float], *, rule: Ma
     """TIES in core space (Panariello et al. 2025): ``U_B ties(M_1, ..., M_n) V_A^T``.
 
     ``M_i = U_B^T dW_i V_A`` (R x R); ``ties`` as in ``knots_ties`` (Yadav et al. 2023).
-    Options: ``density`` (default 1.0), ``majority_sign`` (default ``"total"``).
+    Options: ``density`` (required), ``majority_sign`` (default ``"total"``), ``convention``, ``normalize``.
     """
     return _core("core_ties", _ties, _TIES_OPTIONS, adapters, weights, rule=rule, seed=seed, device=device, **options)
 
@@ -353,7 +366,8 @@ def core_dare(adapters: Sequence[Adapter], weights: Sequence[float], *, rule: Ma
     """DARE in core space (Panariello et al. 2025): drop core entries w.p. ``1 - density``, rescale.
 
     Then TIES' sign election and disjoint mean (``ties=True``, default) or the weighted sum
-    (``ties=False``). Options: ``density`` (default 0.5), ``ties``, ``majority_sign``. Seeded by ``seed``.
+    (``ties=False``). Options: ``density`` (required), ``ties``, ``majority_sign``, ``convention``,
+    ``normalize``. Seeded per layer and task by ``(seed, layer name)``.
     """
     return _core("core_dare", _dare, _DARE_OPTIONS, adapters, weights, rule=rule, seed=seed, device=device, **options)
 
@@ -380,7 +394,7 @@ def tsv(adapters: Sequence[Adapter], weights: Sequence[float], *, rule: Mapping[
     full-rank task's spectrum; a LoRA task has only ``rank_i`` nonzero singular values, which that
     share covers whenever ``n * rank_i <= min(out, in)``, hence the default ``fraction=1.0``.
     """
-    opts = _options("tsv", options, {"fraction": (1.0, _fraction)})
+    opts = _options("tsv", options, {"fraction": 1.0})
     merged: dict[str, Factors] = {}
     for group in _groups(adapters, weights, device):
         svds = [linalg.factored_svd(B, A) for B, A in zip(group.B, group.A)]  # (L, out, k_i), (L, k_i), (L, k_i, in)
