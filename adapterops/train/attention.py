@@ -22,6 +22,7 @@ Two routes give it:
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,14 +39,30 @@ VARLEN = "adapterops_varlen"
 
 
 def varlen_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch's flash varlen kernel runs for ``dtype`` inputs on ``device``."""
+    """Whether torch's flash varlen kernel runs (forward and backward) for ``dtype`` inputs on
+    ``device``: tried once on a tiny problem, and remembered."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
+    key = (str(device), dtype)
+    if key not in _PROBED:
+        _PROBED[key] = _probe(device, dtype)
+    return _PROBED[key]
+
+
+_PROBED: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.9)
-    except ImportError:
+        q = torch.randn(16, 4, 64, device=device, dtype=dtype, requires_grad=True)  # (N, H, D)
+        kv = torch.randn(16, 2, 64, device=device, dtype=dtype, requires_grad=True)  # grouped-query heads
+        cu = torch.tensor([0, 7, 16], device=device, dtype=torch.int32)
+        _flash_varlen(q, kv, kv, cu, 16, None).float().sum().backward()
+        return True
+    except Exception as exc:  # no kernel in this torch build or for this GPU
+        warnings.warn(f"flash varlen attention is not available here ({type(exc).__name__}: {exc}); "
+                      "packed batches use transformers' packed-sequence masks instead", stacklevel=3)
         return False
-    return True
 
 
 def varlen_attention(

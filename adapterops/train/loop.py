@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter
-from ..errors import AdapterOpsError
+from ..errors import AdapterOpsError, NonFiniteError
 from . import checkpoint as ckpt
 from .attention import packed_attention, varlen_kernel_available
 from .fused import fuse_shared_inputs
@@ -230,6 +230,8 @@ def train_lora(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step_loss = float(step_loss)  # the one wait for the device in a step
+            if not math.isfinite(step_loss):
+                raise _diverged(step + 1, f"the loss is {step_loss}", lr)
             grad_norm = None if grad_norm is None else float(grad_norm)
             took = time.perf_counter() - t0
             seconds += took
@@ -241,13 +243,14 @@ def train_lora(
             done = step + 1
             rate = steady_tokens / steady_seconds if steady_seconds else tokens / seconds if seconds else 0.0
             info = {"step": done, "total_steps": total, "loss": step_loss, "lr": lr * scale, "grad_norm": grad_norm,
-                    "tokens_per_second": rate, "warmup_seconds": warmup_seconds}
+                    "tokens": tokens, "tokens_per_second": rate, "warmup_seconds": warmup_seconds}
             if evals is not None and ((eval_every and done % eval_every == 0) or done == total):
                 info["eval_loss"] = evaluate(model, evals, batch_size=batch_size, bf16=use_bf16, pad_id=pad_id, fused_loss=fused_loss)
                 eval_losses.append((done, info["eval_loss"]))
             bar.update(info)
             stop = callback is not None and callback(info) is False
             if checkpoint_dir is not None and ((save_every and done % save_every == 0) or done == total or stop):
+                _require_finite(a_params + b_params, done, lr)
                 state = {"settings": settings, "losses": losses, "eval_losses": [list(e) for e in eval_losses]}
                 ckpt.save_checkpoint(checkpoint_dir, done, modules, optimizer, state)
             if stop:
@@ -258,6 +261,7 @@ def train_lora(
         if restore_checkpointing is not None:
             restore_checkpointing()
         model.train(was_training)
+    _require_finite(a_params + b_params, start + len(losses), lr)
     return TrainResult(
         adapter=lora_adapter(model, modules),
         losses=losses,
@@ -359,11 +363,21 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def _diverged(step: int, what: str, lr: float) -> NonFiniteError:
+    return NonFiniteError(f"training diverged at step {step}: {what}; stopped, nothing written: lower the learning rate (lr={lr:g}) or check the data")
+
+
+def _require_finite(params: Sequence[torch.Tensor], step: int, lr: float) -> None:
+    """Stop a run whose LoRA factors went NaN/Inf (an update can, even after a finite loss)."""
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise _diverged(step, "a LoRA factor holds NaN or Inf", lr)
+
+
 def _check_settings(lr, lr_ratio, epochs, steps, batch_size, grad_accum, max_grad_norm, warmup, eval_every, save_every, checkpoint_dir) -> None:
     problems = []
-    if not lr > 0:
-        problems.append(f"lr must be positive, got {lr}")
-    if lr_ratio is not None and not lr_ratio > 0:
+    if not 0 < lr < math.inf:
+        problems.append(f"lr must be a positive finite number, got {lr}")
+    if lr_ratio is not None and not 0 < lr_ratio < math.inf:
         problems.append(f"lr_ratio must be positive, got {lr_ratio}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         problems.append(f"steps must be a positive integer, got {steps!r}")
