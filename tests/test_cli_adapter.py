@@ -77,7 +77,10 @@ def test_blend_with_weights(files):
     result = ok("blend", files / "a.st", files / "b.st", "--weights", "0.6,0.4", "-o", files / "out.st", "--json")
     data = json.loads(result.stdout)
     out = ao.load(files / "out.st")
-    assert data == {"output": str(files / "out.st"), "format": "native", "num_layers": 2, "rank": 6, "num_params": out.num_params}
+    assert data == {
+        "output": str(files / "out.st"), "format": "native", "num_layers": 2, "rank": 6, "num_params": out.num_params,
+        "method": "linear", "layers": {n: {"rank": 6, "energy_kept": 1.0} for n in out},
+    }
     a, b = ao.load(files / "a.st"), ao.load(files / "b.st")
     assert_deltas(out, {n: 0.6 * a.delta(n) + 0.4 * b.delta(n) for n in a})
     assert result.stderr == ""

@@ -56,6 +56,15 @@ def _render_result(data: dict) -> str:
 @main.command()
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--weights", "-w", help="Comma-separated weights, one per adapter (default: equal weights summing to 1).")
+@click.option("--method", "-m", default="linear", show_default=True,
+              help="Merge method: linear (exact sum), ties, dare_ties, dare_linear, magnitude_prune, della, della_linear, "
+              "breadcrumbs, breadcrumbs_ties, or a LoRA-native one (knots_ties, core_ties, tsv, ...).")
+@click.option("--density", type=click.FloatRange(0, 1, min_open=True), help="Fraction of each delta kept (ties, dare, della, breadcrumbs).")
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
+              help="TIES sign election: by total mass (default) or by count.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random methods (DARE, DELLA).")
+@click.option("--epsilon", type=float, default=None, help="DELLA: keep probabilities span density +- epsilon (default 0.15).")
+@click.option("--gamma", type=float, default=None, help="Breadcrumbs: fraction of the largest entries dropped (default 0.01).")
 @rank_rule_options(required=False)
 @output_option("Where to write the blend (.st file, or a directory for peft).")
 @format_option
@@ -63,20 +72,37 @@ def _render_result(data: dict) -> str:
 @force_option
 @allow_nonfinite_option
 @json_option
-def blend(adapters, weights, rank, energy, budget, output, fmt, device, force, allow_nonfinite, as_json):
-    """Weighted sum of ADAPTERS, exact, optionally re-compressed (--rank/--energy/--budget)."""
+def blend(adapters, weights, method, density, majority_sign, seed, epsilon, gamma, rank, energy, budget, output, fmt,
+          device, force, allow_nonfinite, as_json):
+    """Merge ADAPTERS by --method; linear is the exact weighted sum.
+
+    Every method but linear is re-compressed by --rank/--energy/--budget (default: the largest
+    input rank); --json reports each layer's kept rank and the share of its merged delta's energy kept.
+    """
     rule = rank_rule(rank, energy, budget, required=False)
     w = parse_floats(weights, "--weights") if weights else [1.0 / len(adapters)] * len(adapters)
     if len(w) != len(adapters):
         raise AdapterOpsError(f"--weights has {len(w)} values for {len(adapters)} adapters; give one weight per adapter")
+    options = {k: v for k, v in {"majority_sign": majority_sign, "epsilon": epsilon, "gamma": gamma}.items() if v is not None}
     _refuse_in_place(output, adapters)
     refuse_existing(output, force)
     values = [load(p, allow_nonfinite=allow_nonfinite) for p in adapters]
-    result = blend_adapters(values, w)
-    if rule:
-        result = result.compress(**rule, device=default_device(device)).to(device="cpu")
+    result = blend_adapters(values, w, method, density, **rule, seed=seed, device=default_device(device), **options).to(device="cpu")
     result.save(output, format=fmt, force=force)
-    emit(_result(result, output, fmt), as_json, _render_result)
+    emit(_blend_result(result, output, fmt, method), as_json, _render_blend)
+
+
+def _blend_result(adapter, output, fmt, method) -> dict:
+    layers = adapter.metadata.get("blend", {}).get("layers") or {n: {"rank": r, "energy_kept": 1.0} for n, r in adapter.ranks.items()}
+    return {**_result(adapter, output, fmt), "method": method, "layers": layers}
+
+
+def _render_blend(d: dict) -> str:
+    kept = [row["energy_kept"] for row in d["layers"].values()]
+    line = _render_result(d) + f" ({d['method']})"
+    if kept and min(kept) < 1.0:
+        line += f"; energy kept per layer: min {min(kept):.4f}, mean {sum(kept) / len(kept):.4f}"
+    return line
 
 
 @main.command()
