@@ -217,7 +217,7 @@ def test_jsonl_paths_need_a_tokenizer(tmp_path, smollm2_dir):
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        ({"lr": 0}, "lr must be positive"),
+        ({"lr": 0}, "lr must be a positive finite number"),
         ({"steps": 0}, "steps must be a positive integer"),
         ({"batch_size": 0, "grad_accum": 0}, "batch_size must be a positive integer, got 0; grad_accum must be"),
         ({"warmup": 1.5}, "warmup must be a step count"),
