@@ -3,7 +3,7 @@
 The references below build every task's dense delta and follow each paper's algorithm on it (as
 the authors' code does): SVD of the concatenated deltas for KnOTS, SVD reference bases of the
 stacked factors for core space, per-task SVDs and Procrustes orthogonalisation for TSV. The
-library computes the same things from the factors alone; a dispatch mode checks that no
+library computes the same things from the factors alone; a torch function mode checks that no
 (out, in) tensor ever appears.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 from adapterops import Adapter, AdapterOpsError, LoraLayer
 from adapterops.methods import get_method, sparsify
@@ -198,12 +198,14 @@ def test_dare_is_seeded_and_matches_the_dense_algorithm(method):
 # Factored all the way, layers in some adapters only, re-compression, errors
 
 
-class _Shapes(TorchDispatchMode):
+class _Shapes(TorchFunctionMode):
+    """Records the trailing two dims of every tensor any torch function or tensor method returns."""
+
     def __init__(self):
         super().__init__()
         self.seen = set()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor) and t.ndim >= 2:
@@ -282,7 +284,7 @@ def test_every_method_loads_in_peft_on_smollm2(smollm2_dir, tmp_path):
 
     base = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     modules = {f"model.layers.{i}.{m}": base.get_submodule(f"model.layers.{i}.{m}").weight.shape
-               for i in (3,) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+               for m in ("self_attn.q_proj", "self_attn.v_proj") for i in (3,)}
     g = torch.Generator().manual_seed(0)
 
     def adapter(rank):
@@ -291,7 +293,7 @@ def test_every_method_loads_in_peft_on_smollm2(smollm2_dir, tmp_path):
                        {"base_model": str(smollm2_dir)})
 
     inputs = [adapter(4), adapter(6)]
-    tokens = torch.randint(0, base.config.vocab_size, (1, 12), generator=g)
+    tokens = torch.randint(0, base.config.vocab_size, (1, 6), generator=g)
     with torch.no_grad():
         plain = base(input_ids=tokens).logits
     for method in sorted(METHODS):
