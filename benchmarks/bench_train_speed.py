@@ -18,9 +18,9 @@ Only real tokens count (padding never does). Rows:
                     packed-sequence masks (position ids, no attention mask)
   liger             apply_liger_kernel_to_llama() (RMSNorm, SwiGLU, RoPE, fused linear cross
                     entropy) + get_peft_model + autocast
-  adapterops        add_lora + train_lora (compiled decoder layers, fused q/k/v and gate/up,
-                    fused head + loss; packing with flash varlen attention on the mix)
-  adapterops-nofuse fixed only: the same with fuse=False
+  adapterops        add_lora + train_lora (compiled decoder layers, fused head + loss; packing
+                    with flash varlen attention on the mix)
+  adapterops+fuse   fixed only: the same with fuse=True (q/k/v and gate/up as one GEMM each)
 
 Useful FLOP/s counts what the examples need, per token and layer: 4 x the frozen linear weights
 (forward and input gradient) plus 6 r (in + out) for each LoRA layer, and 6 l^2 d_model per layer
@@ -45,11 +45,11 @@ from contextlib import nullcontext
 
 import torch
 
-IMPLS = ["peft", "peft+autocast", "peft+packed", "liger", "adapterops", "adapterops-nofuse"]
-ONLY = {"peft+packed": {"mix"}, "adapterops-nofuse": {"fixed"}}
+IMPLS = ["peft", "peft+autocast", "peft+packed", "liger", "adapterops", "adapterops+fuse"]
+ONLY = {"peft+packed": {"mix"}, "adapterops+fuse": {"fixed"}}
 # Rows that share a process (imports and warm caches paid once; each row its own model and peak):
 # the most telling first, so a cut-short run still has them. Liger patches transformers: alone.
-PROCESSES = [["adapterops"], ["peft", "peft+autocast", "peft+packed"], ["liger"], ["adapterops-nofuse"]]
+PROCESSES = [["adapterops"], ["peft", "peft+autocast", "peft+packed"], ["liger"], ["adapterops+fuse"]]
 BIG = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000, batch=8, seq=1024,
            median=300, cap=4096, examples=384, device="cuda", dtype="bf16", steps=8)
 SMALL = dict(hidden=128, intermediate=344, layers=2, heads=4, kv_heads=2, vocab=1024, batch=4, seq=64,
@@ -163,7 +163,7 @@ def run_adapterops(cfg: dict, impl: str, data: list[dict], shape: str) -> tuple[
         marks.append(time.perf_counter())
         seen.append(info["tokens"])
 
-    options = dict(lr=1e-4, max_grad_norm=None, seed=0, callback=tick, fuse=impl != "adapterops-nofuse")
+    options = dict(lr=1e-4, max_grad_norm=None, seed=0, callback=tick, fuse=impl == "adapterops+fuse")
     if mix:
         from adapterops.train import pack
 
