@@ -74,7 +74,7 @@ def _render(d: dict) -> str:
     "--compile/--no-compile", "compile_", default=None,
     help="torch.compile the decoder layers: faster steps after a slow first one (default: on for CUDA, off for CPU).",
 )
-@click.option("--fuse/--no-fuse", default=True, show_default=True,
+@click.option("--fuse/--no-fuse", default=False, show_default=True,
               help="Run LoRA layers that read one input (q/k/v, gate/up) as one GEMM each for base and LoRA A.")
 @click.option("--dtype", type=click.Choice(list(_DTYPES)), default="auto", show_default=True, help="Base weights dtype (auto: bf16 on cuda, fp32 on cpu).")
 @device_option
