@@ -216,7 +216,10 @@ class _Parser:
     def atom(self) -> Expr:
         tok = self.take()
         if tok.kind == "number":
-            return Num(float(tok.text), tok.col)
+            value = float(tok.text)
+            if not math.isfinite(value):
+                raise self.fail(f"the number {tok.text} is too large", tok)
+            return Num(value, tok.col)
         if tok.kind == "name":
             if self.peek().kind == "op" and self.peek().text == "(":
                 return self.call(tok)
@@ -397,6 +400,8 @@ class _Evaluator:
         options: dict[str, Any] = {}
         weights = [1.0] * len(adapters)
         for key, value_node, col in node.kwargs:
+            if key in _RESERVED:
+                raise self.fail(f"{key}= cannot be given in an expression ({_RESERVED[key]})", col)
             value = self.option(node.func, key, value_node)
             if key == "weights":
                 if not isinstance(value, list) or len(value) != len(adapters):
@@ -421,6 +426,13 @@ class _Evaluator:
         if isinstance(value, Adapter):
             raise self.fail(f"option {key}= of {func}() must be a number, got an adapter", _col(node))
         return int(value) if value.is_integer() and key in ("rank", "budget", "seed") else value
+
+
+_RESERVED = {
+    "method": "the method is the function's name",
+    "device": "the command's --device applies to every call",
+    "adapters": "adapters are the positional arguments",
+}
 
 
 def _col(node: Expr) -> int:

@@ -52,6 +52,7 @@ def column_of(text: str, **bindings) -> int:
     ("-" * 200 + "a", 64, "nested more than 64 deep"),
     ("__import__('os')", 12, "a string can only be the value of a keyword option"),
     ("a + [1, 2]", 5, "expected a name, a number or '(', found '['"),
+    ("a * 1e400", 5, "the number 1e400 is too large"),
     ("(" * 100 + "a" + ")" * 100, 65, "nested more than 64 deep"),
 ])
 def test_syntax_errors_give_the_column(text, column, message):
@@ -79,6 +80,8 @@ def test_syntax_errors_give_the_column(text, column, message):
     ("core_linear(a, b, weights=[1])", 19, "weights= needs a list of 2 numbers"),
     ("core_linear(a, b, weights=0.5)", 19, "weights= needs a list of 2 numbers"),
     ("core_linear(a, density=b)", 24, "option density= of core_linear\\(\\) must be a number, got an adapter"),
+    ("ties(a, method='linear')", 9, "method= cannot be given in an expression"),
+    ("ties(a, device='cuda')", 9, "device= cannot be given in an expression"),
 ])
 def test_evaluation_errors_give_the_column(text, column, message):
     with pytest.raises(ExpressionError, match=message):
