@@ -69,9 +69,10 @@ def loss_fn(model: nn.Module, *, fused: bool | None = None) -> Callable[[dict[st
 
     decoder = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
+    segments = _takes_kwargs(decoder)
 
     def fused_loss(batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        hidden = decoder(**model_inputs(batch), use_cache=False).last_hidden_state
+        hidden = decoder(**model_inputs(batch, segments=segments), use_cache=False).last_hidden_state
         labels = shifted_labels(batch["labels"]).reshape(-1)  # (B T,)
         return _HeadCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, scale)
 
@@ -82,20 +83,29 @@ def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+def model_inputs(batch: dict[str, torch.Tensor], *, segments: bool = True) -> dict[str, Any]:
     """Keyword arguments of a Hugging Face forward for ``batch``.
 
     Padded batches: ``input_ids`` and ``attention_mask``. Packed ones (``position_ids``, see
     ``data.collate``): ``input_ids``, ``position_ids`` and no ``attention_mask``, which is how
     transformers' masking utilities know to keep each example to itself, plus the segment offsets
     (``cu_seq_lens_q/k``, ``max_length_q/k``: the row length, an upper bound) that the varlen
-    attention of ``adapterops.train.attention`` reads.
+    attention of ``adapterops.train.attention`` reads (left out with ``segments=False``, for a
+    forward that takes no extra keyword arguments).
     """
     if "position_ids" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    cu, length = batch["cu_seq_lens"], batch["input_ids"].shape[1]
-    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": length, "max_length_k": length}
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if segments:
+        cu, length = batch["cu_seq_lens"], batch["input_ids"].shape[1]
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=length, max_length_k=length)
+    return inputs
+
+
+def _takes_kwargs(module: nn.Module) -> bool:
+    import inspect
+
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values())
 
 
 def _forward_fn(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], Any]:
@@ -104,19 +114,20 @@ def _forward_fn(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], Any]:
     import inspect
 
     params = inspect.signature(model.forward).parameters
-    if "attention_mask" in params:
-        extra = {"use_cache": False} if "use_cache" in params else {}
-        return lambda b: model(**model_inputs(b), **extra)
+    segments = _takes_kwargs(model)
+    hf = "attention_mask" in params
+    positions = hf and "position_ids" in params
+    extra = {"use_cache": False} if "use_cache" in params else {}
 
-    def plain(b: dict[str, torch.Tensor]) -> Any:
-        if "position_ids" in b:
+    def forward(b: dict[str, torch.Tensor]) -> Any:
+        if "position_ids" in b and not positions:
             raise AdapterOpsError(
                 f"{type(model).__name__}.forward takes no position_ids, so packed examples would attend to each "
                 "other; train it without packing, or use a Hugging Face causal LM"
             )
-        return model(b["input_ids"])
+        return model(**model_inputs(b, segments=segments), **extra) if hf else model(b["input_ids"])
 
-    return plain
+    return forward
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
