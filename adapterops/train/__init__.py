@@ -1,7 +1,9 @@
 """Training LoRA and QLoRA adapters on any PyTorch model; what comes out is an ``Adapter``.
 
 ``add_lora`` wraps linear layers (``inject``), ``train_lora`` runs the loop (``loop``), ``data``
-turns JSONL files into token sequences with loss masks, ``checkpoint`` saves and resumes runs.
+turns JSONL files into token sequences with loss masks and packs them, ``attention`` keeps packed
+examples apart, ``fused`` runs LoRA layers that share an input as one, ``checkpoint`` saves and
+resumes runs.
 """
 
 from .data import IGNORE, Dataset, collate, load_jsonl, pack, read_jsonl, tokenize_row
