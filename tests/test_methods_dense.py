@@ -1,6 +1,8 @@
 """Dense-delta merge methods through ``blend``: float64 references, PEFT, mergekit, re-compression bound."""
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -340,3 +342,14 @@ def test_loaded_results_round_trip_through_peft_format(adapters, tmp_path):
     for name in SHAPES:
         torch.testing.assert_close(back.delta(name), result.delta(name))
     assert math.isfinite(back.norm())
+
+
+def test_readme_merge_methods_snippet_runs(monkeypatch):
+    root = Path(__file__).resolve().parent.parent
+    section = (root / "README.md").read_text().split("### Merge methods\n", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(root)
+    scope = {"ao": ao}
+    exec(compile(code, "README.md", "exec"), scope)
+    row = scope["mix"].metadata["blend"]["layers"]["model.layers.0.self_attn.q_proj"]
+    assert row["rank"] == 16 and f"{row['energy_kept']:.4f}" in code
