@@ -220,6 +220,8 @@ def test_float32_and_bfloat16_inputs_keep_their_dtype():
         ({"method": "ties", "density": 0.0}, r"density must be in \(0, 1\]"),
         ({"method": "ties", "density": 0.5, "majority_sign": "most"}, "majority_sign must be one of"),
         ({"method": "ties", "density": 0.5, "svd": "fast"}, "svd must be one of"),
+        ({"method": "ties", "density": 0.5, "normalize": 1}, "ties: normalize must be true or false, got 1"),
+        ({"method": "della", "density": 0.5, "epsilon": "0.1"}, "della: epsilon must be a number, got '0.1'"),
         ({"method": "della", "density": 0.5, "epsilon": 0.6}, "lower epsilon"),
         ({"method": "ties", "density": 0.5, "rank": 2, "energy": 0.5}, "at most one of rank=, energy=, budget="),
         ({"method": "ties", "density": 0.5, "rank": 1.5}, "rank must be a non-negative integer"),

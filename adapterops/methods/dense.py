@@ -82,9 +82,26 @@ def _options(method: str, given: Mapping[str, Any], known: Mapping[str, Any]) ->
     if missing:
         raise AdapterOpsError(f"{method} needs {', '.join(missing)} (e.g. density=0.5: the fraction of each delta kept)")
     values = {name: given[name] if given.get(name) is not None else default for name, default in known.items()}
+    for name, value in values.items():
+        if name not in _KINDS or value is None:
+            continue
+        types, what = _KINDS[name]
+        if not isinstance(value, types) or isinstance(value, bool) and types is not bool:
+            raise AdapterOpsError(f"{method}: {name} must be {what}, got {value!r}")
     if values.get("svd", "auto") not in SVD_MODES:
         raise AdapterOpsError(f"svd must be one of {', '.join(SVD_MODES)}, got {values['svd']!r}")
     return values
+
+
+_KINDS = {  # option -> (accepted types, what to say)
+    "density": ((int, float), "a number in (0, 1]"),
+    "epsilon": ((int, float), "a number"),
+    "gamma": ((int, float), "a number in [0, 1)"),
+    "normalize": (bool, "true or false"),
+    "majority_sign": (str, "total or frequency"),
+    "convention": (str, "mergekit or peft"),
+    "svd": (str, "auto, randomized or exact"),
+}
 
 
 _SIGNED = {"majority_sign": "total"}
