@@ -310,6 +310,20 @@ def read_json(path: str | os.PathLike) -> Any:
         raise FormatError(f"{path}: not valid JSON ({exc if not isinstance(exc, RecursionError) else 'nested too deeply'})") from None
 
 
+def header_json(path: str | os.PathLike, metadata: dict[str, str], key: str, default: Any = None) -> Any:
+    """The JSON object stored as text under ``key`` of a safetensors header (``default`` if absent)."""
+    if key not in metadata:
+        return default
+    try:
+        value = json.loads(metadata[key])
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise FormatError(f"{path}: corrupt adapter metadata in the safetensors header ({key}: {reason})") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{path}: {key} in the safetensors header is {type(value).__name__}, expected a JSON object")
+    return value
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` with a reproducible header: same tensors, same bytes.
 

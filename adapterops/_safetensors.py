@@ -11,7 +11,7 @@ everything the safetensors library itself refuses (its ``Metadata::validate`` an
 - the file is shorter than 8 bytes, ``N`` exceeds 100,000,000, or ``8 + N`` exceeds the file;
 - the header is not UTF-8, does not start with ``{``, is not a JSON object, or repeats a key;
 - ``__metadata__`` is not an object of strings;
-- an entry lacks ``dtype``/``shape``/``data_offsets`` or has another field, names an unknown
+- an entry lacks ``dtype``/``shape``/``data_offsets`` (other fields are ignored), names an unknown
   dtype, has a shape that is not a list of non-negative integers, or offsets that are not two
   non-negative integers ``begin <= end``;
 - sorted by offset, the entries do not tile the data section: each must begin where the previous
@@ -171,9 +171,9 @@ def _no_constant(name: str) -> None:
 def _entry_span(name: str, info: object) -> tuple[int, int, str, tuple[int, ...]]:
     if not isinstance(info, dict):
         raise _Bad(f"tensor {name}: entry is not an object")
-    if set(info) != _FIELDS:
-        extra, missing = sorted(set(info) - _FIELDS), sorted(_FIELDS - set(info))
-        raise _Bad(f"tensor {name}: " + (f"lacks {', '.join(missing)}" if missing else f"unknown field {extra[0]}"))
+    missing = sorted(_FIELDS - set(info))
+    if missing:  # other fields are ignored, as safetensors ignores them
+        raise _Bad(f"tensor {name}: lacks {', '.join(missing)}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise _Bad(f"tensor {name}: unknown dtype {dtype!r}")

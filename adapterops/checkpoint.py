@@ -373,8 +373,8 @@ def match_layers(
     ``checkpoint`` is a Checkpoint or a plain ``{tensor name: shape}`` mapping (a live module's
     weights, say). ``X`` matches ``X.weight``; failing that, a unique name that differs only by a
     leading prefix (``model.`` on one side only, say), or a unique base name that flattens (dots to
-    underscores) to a kohya layer name. Shapes must fit, directly or transposed for Conv1D-style
-    (in, out) weights. ``weight_shape(name)`` overrides the stored shape (NF4 bases store packed
+    underscores) to a kohya layer name. Shapes must fit: directly, or transposed only where the
+    weights are stored (in, out) (``fan_in_fan_out``, or a GPT-2-style Conv1D model type). ``weight_shape(name)`` overrides the stored shape (NF4 bases store packed
     bytes). Every problem is collected and raised at once as BaseMismatchError, before any work.
     """
     if isinstance(checkpoint, Checkpoint):
@@ -393,10 +393,15 @@ def match_layers(
             missing.append(name)
             continue
         shape = tuple(weight_shape(tensor)) if weight_shape else tuple(shape_of(tensor))
-        if shape == (inp, out) and (conv1d or shape != (out, inp)):
+        if shape == (inp, out) and conv1d:
             targets[name] = Target(tensor, transposed=True)
         elif shape == (out, inp):
             targets[name] = Target(tensor, transposed=False)
+        elif shape == (inp, out):  # a transposed delta only fits a weight stored (in, out)
+            misfits.append(
+                f"{name}: adapter delta is [{out}, {inp}], base {tensor} is {list(shape)} (transposed), and the base does not "
+                "store (in, out) Conv1D weights; if it does, the adapter needs fan_in_fan_out"
+            )
         else:
             misfits.append(f"{name}: adapter delta is [{out}, {inp}], base {tensor} is {list(shape)}")
     problems = []

@@ -108,12 +108,13 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     warmup_value: int | float = int(warmup) if warmup >= 1 else float(warmup)
 
     transformers, torch = _import_training()
-    from ..checkpoint import resolve_base
+    from ..checkpoint import Checkpoint, resolve_base
     from ..train import add_lora, load_jsonl, train_lora
 
     path = resolve_base(base)
     if not (Path(path) / "config.json").is_file():
         raise FormatError(f"{base}: not a Hugging Face model directory (no config.json)")
+    Checkpoint(path)  # only safetensors are ever parsed: a pickle-only or malformed base stops here, before transformers
     device = default_device(device)
     torch_dtype = getattr(torch, _DTYPES[dtype]) if _DTYPES[dtype] else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
@@ -123,7 +124,7 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
         transformers.utils.logging.disable_progress_bar()
     else:
         status(f"loading {base} ({str(torch_dtype).removeprefix('torch.')}, {device})")
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, use_safetensors=True).to(device)
     handle = add_lora(model, targets=parsed_targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora,
                       init=init, quantize="nf4" if qlora else None, seed=seed)
     if not quiet:

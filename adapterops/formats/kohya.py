@@ -3,25 +3,36 @@ and a scalar ``.alpha`` per layer, where ``<prefix>`` is ``lora_`` plus the modu
 turned into underscores.
 
 That flattening cannot be undone in general (``self_attn`` holds an underscore), so files we write
-carry the module paths in the header (``adapterops_modules``); layers of other kohya files keep
-their flat name, which the merge engine matches against a base's flattened names.
+carry the module paths in the header (``adapterops_modules``), and the adapter's metadata (base
+model, task type) as JSON (``adapterops_metadata``); layers of other kohya files keep their flat
+name, which the merge engine matches against a base's flattened names.
+
+The naming is Stable Diffusion's (``lora_unet_*``, ``lora_te_*``): sd-scripts, diffusers and ComfyUI
+apply none of the layers of an LLM adapter written this way, so writing one warns.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from .._files import read_safetensors, safetensors_header, write_safetensors
-from ..adapter import Adapter, LoraLayer
+from .._files import header_json, read_safetensors, safetensors_header, write_safetensors
+from ..adapter import Adapter
 from ..errors import FormatError
+from .layers import collect, make_layer, require_layers
 
 SUFFIXES = (".safetensors", ".st")
 MODULES_KEY = "adapterops_modules"
+METADATA_KEY = "adapterops_metadata"
+_METADATA_FIELDS = ("base_model", "task_type")
+# Module paths of diffusion models, the only ones kohya-format consumers apply (UNet, text encoders, DiT).
+_DIFFUSION = re.compile(r"^(lora_)?(unet|te\d?|text_encoder(_\d)?|text_model|transformer|down_blocks|up_blocks|mid_block|"
+                        r"single_transformer_blocks|transformer_blocks|double_blocks|single_blocks)[._]")
 _KEY = re.compile(r"^(?P<prefix>.+)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha|dora_scale)$")
 
 
@@ -38,16 +49,16 @@ def sniff(path: Path) -> bool:
 
 def read(path: Path) -> Adapter:
     tensors, header = read_safetensors(path)
-    try:
-        modules = json.loads(header.get(MODULES_KEY, "{}"))
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: corrupt {MODULES_KEY} in the header ({exc})") from None
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+    modules = header_json(path, header, MODULES_KEY, {})
+    extra = header_json(path, header, METADATA_KEY, {})
+    found = []
     for key, tensor in tensors.items():
         m = _KEY.match(key)
         if m is None:
             raise FormatError(f"{path}: unexpected tensor {key} in a kohya LoRA file")
-        parts.setdefault(m["prefix"], {})[m["role"]] = tensor
+        found.append((key, m["prefix"], m["role"], tensor))
+    parts = collect(str(path), found)
+    names = _module_names(path, modules, parts)
     layers = {}
     for prefix, roles in parts.items():
         if "dora_scale" in roles:
@@ -55,11 +66,42 @@ def read(path: Path) -> Adapter:
         if "lora_down.weight" not in roles or "lora_up.weight" not in roles:
             raise FormatError(f"{path}: layer {prefix} lacks lora_down or lora_up")
         down, up = roles["lora_down.weight"], roles["lora_up.weight"]
-        if down.ndim != 2 or up.ndim != 2:
-            raise FormatError(f"{path}: layer {prefix} is a convolution LoRA ({down.ndim}-D); only linear layers are supported")
-        alpha = float(roles["alpha"]) if "alpha" in roles else float(down.shape[0])
-        layers[modules.get(prefix, prefix)] = LoraLayer(down, up, alpha)
-    return Adapter(layers)
+        alpha = _alpha(path, prefix, roles.get("alpha"), down)
+        layers[names[prefix]] = make_layer(str(path), prefix, down, up, alpha, names=("lora_down", "lora_up"))
+    require_layers(str(path), layers)
+    metadata = {k: extra[k] for k in _METADATA_FIELDS if isinstance(extra, dict) and isinstance(extra.get(k), str)}
+    return Adapter(layers, metadata)
+
+
+def _module_names(path: Path, modules: object, parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, str]:
+    """Module path of each flat layer name: ``adapterops_modules`` where it names one, else the flat name.
+
+    The map must send each layer to a module that flattens back to it, and no two layers to one module.
+    """
+    if not isinstance(modules, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in modules.items()):
+        raise FormatError(f"{path}: {MODULES_KEY} in the header must map flat layer names to module paths (strings)")
+    names: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for prefix in parts:
+        name = modules.get(prefix, prefix)
+        if name != prefix and flat_name(name) != prefix:
+            raise FormatError(f"{path}: {MODULES_KEY} sends layer {prefix} to {name}, which flattens to {flat_name(name)}, not {prefix}")
+        if name in owner:
+            raise FormatError(f"{path}: layers {owner[name]} and {prefix} both map to module {name}; one would be dropped")
+        owner[name] = prefix
+        names[prefix] = name
+    return names
+
+
+def _alpha(path: Path, prefix: str, alpha: torch.Tensor | None, down: torch.Tensor) -> float:
+    """The layer's alpha as sd-scripts reads it: the stored scalar, or the rank when it is missing or 0."""
+    rank = float(down.shape[0]) if down.ndim >= 1 else 0.0
+    if alpha is None:
+        return rank
+    if alpha.numel() != 1 or alpha.dtype == torch.bool or alpha.is_complex():
+        raise FormatError(f"{path}: layer {prefix} has alpha of shape {list(alpha.shape)} and dtype {str(alpha.dtype).removeprefix('torch.')}; it must be one number")
+    value = float(alpha.reshape(()).double())
+    return rank if value == 0 else value
 
 
 def write(adapter: Adapter, path: Path) -> None:
@@ -67,6 +109,14 @@ def write(adapter: Adapter, path: Path) -> None:
         raise FormatError("kohya's LoRA format cannot hold DoRA layers; save as peft or native")
     if not adapter:
         raise FormatError("cannot save an adapter with no layers")
+    llm = [n for n in adapter if not _DIFFUSION.match(n)]
+    if llm:
+        warnings.warn(
+            f"kohya naming is the Stable Diffusion convention (lora_unet_*, lora_te_*): sd-scripts, diffusers and "
+            f"ComfyUI apply none of the layers of this adapter (e.g. {llm[0]}); only adapterops reads them back. "
+            "Save as peft for transformers, PEFT and vLLM",
+            stacklevel=3,
+        )
     tensors, modules = {}, {}
     for name, layer in adapter.items():
         prefix = flat_name(name)
@@ -84,6 +134,9 @@ def write(adapter: Adapter, path: Path) -> None:
         "ss_network_alpha": f"{alpha:g}",
         MODULES_KEY: json.dumps(modules, sort_keys=True),
     }
+    extra = {k: adapter.metadata[k] for k in _METADATA_FIELDS if isinstance(adapter.metadata.get(k), str)}
+    if extra:
+        header[METADATA_KEY] = json.dumps(extra, sort_keys=True)
     write_safetensors(tensors, str(path), metadata=header)
 
 

@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 
 from .. import __name__ as _package
-from .._files import read_safetensors, safetensors_header, write_safetensors
+from .._files import header_json, read_safetensors, safetensors_header, write_safetensors
 from ..adapter import Adapter
-from ..errors import FormatError
 from . import peft
 
 SUFFIXES = (".st", ".safetensors")
@@ -28,11 +27,8 @@ def sniff(path: Path) -> bool:
 
 def read(path: Path) -> Adapter:
     tensors, header = read_safetensors(path)
-    try:
-        config = json.loads(header[CONFIG_KEY])
-        extra = json.loads(header.get(METADATA_KEY, "{}"))
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: corrupt adapter metadata in the safetensors header ({exc})") from None
+    config = header_json(path, header, CONFIG_KEY)
+    extra = header_json(path, header, METADATA_KEY, {})
     adapter = peft.from_state_dict(tensors, config, source=str(path))
     return adapter.with_metadata(**{k: v for k, v in extra.items() if k not in ("format", "source")})
 

@@ -7,6 +7,7 @@ and, for DoRA, ``.lora_magnitude_vector`` (out,). Per-module ranks and alphas co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -17,8 +18,10 @@ from typing import Any
 import torch
 
 from .._files import read_json, read_safetensors, write_safetensors
-from ..adapter import Adapter, LoraLayer, lora_scale
+from ..adapter import Adapter, lora_scale
 from ..errors import FormatError
+from . import patterns as _patterns
+from .layers import collect, make_layer, require_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -54,50 +57,103 @@ def write(adapter: Adapter, path: Path) -> None:
 
 
 def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
-    """The first key of ``patterns`` that PEFT would match against ``module``, or None."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
+    """The key of ``patterns`` PEFT applies to ``module`` (first match of ``(.*\\.)?(key)$``), or None.
+
+    Evaluated in linear time (``patterns``); a key that cannot be raises FormatError.
+    """
+    return _patterns.pattern_key(patterns, module)
+
+
+# What PEFT's LoraConfig assumes for a field the file leaves out (checked against LoraConfig() in the tests).
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "r": 8, "lora_alpha": 8, "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+    "rank_pattern": {}, "alpha_pattern": {},
+}
+
+
+def _config_field(config: Mapping[str, Any], field: str, source: str) -> Any:
+    """``config[field]`` (PEFT's default when absent or null), type-checked."""
+    value = config.get(field)
+    if value is None:
+        return CONFIG_DEFAULTS[field]
+    default = CONFIG_DEFAULTS[field]
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict) and all(_is_number(v) and (field != "rank_pattern" or _is_rank(v)) for v in value.values())
+    elif field == "r":
+        ok = _is_rank(value)
+    else:
+        ok = _is_number(value)
+    if not ok:
+        want = {"r": "a positive integer", "rank_pattern": "an object of positive integers", "alpha_pattern": "an object of numbers"}
+        kind = "true or false" if isinstance(default, bool) else want.get(field, "a number")
+        raise FormatError(f"{source}: adapter config field {field} is {value!r}; it must be {kind}")
+    return value
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_rank(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 def from_state_dict(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], *, source: str) -> Adapter:
-    """Build an Adapter from PEFT tensors and config, resolving rsLoRA and alpha_pattern to per-layer alpha."""
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise FormatError(f"{source}: peft_type is {config.get('peft_type')!r}; only LoRA adapters are supported")
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+    """Build an Adapter from PEFT tensors and config, resolving rsLoRA and alpha_pattern to per-layer alpha.
+
+    Fields the config leaves out mean what they mean to PEFT (``CONFIG_DEFAULTS``: ``lora_alpha``
+    8, not the rank). Each layer's rank must be the one the config gives it (``rank_pattern``, else
+    ``r``), as PEFT refuses to load the tensors otherwise.
+    """
+    if not isinstance(config, Mapping):
+        raise FormatError(f"{source}: the adapter config is {type(config).__name__}, expected a JSON object")
+    peft_type = config.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        raise FormatError(f"{source}: peft_type is {peft_type!r}; only LoRA adapters are supported")
+    found = []
     unknown = []
     for key, tensor in tensors.items():
-        m = _KEY.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
+        m = _KEY.match(key.removeprefix(PREFIX))
         if m is None or key.endswith(".bias"):
             unknown.append(key)
             continue
-        parts.setdefault(m["module"], {})[m["role"]] = tensor
+        found.append((key, m["module"], m["role"], tensor))
     if unknown:
         raise FormatError(
             f"{source}: {len(unknown)} tensor(s) that are not LoRA factors, e.g. {unknown[0]} "
             "(modules_to_save, embedding LoRA and LoRA biases are not supported)"
         )
-    rslora = bool(config.get("use_rslora", False))
-    alpha_pattern = config.get("alpha_pattern") or {}
-    default_alpha = float(config.get("lora_alpha", config.get("r", 8)))
+    parts = collect(source, found)
+    r, rslora, dora = (_config_field(config, f, source) for f in ("r", "use_rslora", "use_dora"))
+    rank_pattern, alpha_pattern = _config_field(config, "rank_pattern", source), _config_field(config, "alpha_pattern", source)
+    default_alpha = float(_config_field(config, "lora_alpha", source))
     layers = {}
     for module, roles in parts.items():
         if "lora_A" not in roles or "lora_B" not in roles:
             raise FormatError(f"{source}: layer {module} lacks {'lora_A' if 'lora_A' not in roles else 'lora_B'}")
-        A, B = roles["lora_A"], roles["lora_B"]
-        if A.ndim != 2:
-            raise FormatError(f"{source}: layer {module} has a {A.ndim}-D lora_A; only linear layers are supported")
-        key = pattern_key(alpha_pattern, module)
-        alpha = float(alpha_pattern[key]) if key is not None else default_alpha
-        rank = A.shape[0]
+        A, B, magnitude = roles["lora_A"], roles["lora_B"], roles.get("lora_magnitude_vector")
+        if (magnitude is not None) != dora:
+            raise FormatError(
+                f"{source}: layer {module} " + ("has a DoRA magnitude but use_dora is false" if magnitude is not None else "has no lora_magnitude_vector but use_dora is true")
+                + "; PEFT would not load it as stored"
+            )
+        rank_key = _patterns.pattern_key(rank_pattern, module, field="rank_pattern", source=source)
+        alpha_key = _patterns.pattern_key(alpha_pattern, module, field="alpha_pattern", source=source)
+        want = rank_pattern[rank_key] if rank_key is not None else r
+        alpha = float(alpha_pattern[alpha_key]) if alpha_key is not None else default_alpha
+        layer = make_layer(source, module, A, B, alpha, magnitude)
+        if layer.rank != want:
+            said = f"rank_pattern[{rank_key!r}] = {want}" if rank_key is not None else f"r = {want}"
+            raise FormatError(f"{source}: layer {module} has rank {layer.rank} but the config says {said}; PEFT refuses such a file (size mismatch)")
         if rslora:  # the alpha that gives PEFT's scale under our alpha / rank convention
-            alpha = lora_scale(alpha, rank, rslora=True) * rank
-        layers[module] = LoraLayer(A, B, alpha, roles.get("lora_magnitude_vector"))
+            layer = dataclasses.replace(layer, alpha=lora_scale(alpha, want, rslora=True) * want)
+        layers[module] = layer
     metadata = {"base_model": config.get("base_model_name_or_path"), "task_type": config.get("task_type")}
-    if config.get("fan_in_fan_out"):
+    if _config_field(config, "fan_in_fan_out", source):
         metadata["fan_in_fan_out"] = True
-    return Adapter(layers, {k: v for k, v in metadata.items() if v is not None})
+    return Adapter(require_layers(source, layers), {k: v for k, v in metadata.items() if v is not None})
 
 
 def to_state_dict(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
