@@ -19,10 +19,12 @@ The rules, and where they were read (the consumers' own code):
   model's linear layers, with ``packed_modules_mapping`` unpacked, plus ``embed_tokens`` and
   ``lm_head``) is refused as "unexpected". ``rank_pattern`` / ``alpha_pattern`` are resolved per
   module as PEFT does (``get_rank_and_scaling``), and rsLoRA is honoured.
-- llama.cpp (``llama-adapter.cpp``; ``convert_lora_to_gguf.py``): one ``adapter.lora.alpha`` per
-  file, each tensor scaled by ``alpha / its rank``, so per-layer alphas (``alpha_pattern``) and
-  mixed ranks under one alpha come out wrong through ``convert_lora_to_gguf.py``; DoRA is not
-  supported; only architectures and tensors with a llama.cpp name can be adapted.
+- llama.cpp (``src/llama-adapter.h``, ``llama_adapter_lora_weight::get_scale``: ``alpha ? alpha /
+  rank : 1`` with ``rank`` the tensor's own; ``convert_lora_to_gguf.py`` writes the config's
+  ``lora_alpha`` alone): one ``adapter.lora.alpha`` per file, so per-layer alphas
+  (``alpha_pattern``) and mixed ranks under one alpha come out wrong through that converter; DoRA
+  is not supported; only architectures and tensors with a llama.cpp name can be adapted (the name
+  map ``formats/gguf_names.json``).
 - PEFT 0.21 (``peft/auto.py``, ``peft/config.py``): ``AutoPeftModelForCausalLM`` reads
   ``base_model_name_or_path`` to load the base and needs ``task_type`` (``CAUSAL_LM`` for it);
   ``PeftModel.from_pretrained`` and transformers' ``load_adapter`` need a directory whose
@@ -102,6 +104,8 @@ class Problem:
 
 @dataclass(frozen=True)
 class CheckReport:
+    """What ``check`` found: ``ok`` when ``problems`` is empty; ``notes`` say what could not be checked."""
+
     target: str
     source: str
     problems: tuple[Problem, ...]
@@ -227,7 +231,7 @@ def _facts(source: Adapter | str | os.PathLike, *, base: Any = None, revision: s
         return _Facts("adapter", "value", config, (), source, checkpoint, options)
     path, fmt = locate(source, revision=revision)
     if fmt not in ("peft", "native"):  # kohya, gguf: no PEFT config to read
-        return _Facts(str(source), fmt, {}, (), load(path, allow_nonfinite=True), checkpoint, options)
+        return _Facts(str(source), fmt, {}, (), load(path, allow_nonfinite=True, base=None if checkpoint is None else checkpoint.source), checkpoint, options)
     from . import _files
 
     if fmt == "peft":
@@ -297,7 +301,7 @@ def _some(names: list[str]) -> str:
 
 @_rule("vllm", "peft", "transformers")
 def _directory(f: _Facts) -> Iterable[Problem]:
-    if f.format in ("native", "kohya"):
+    if f.format not in ("peft", "value"):
         yield Problem("format", f"loads a PEFT directory (adapter_config.json + adapter_model.safetensors); this is a {f.format} file",
                       fix="written as a PEFT directory")
 
@@ -331,7 +335,7 @@ def _vllm_rank(f: _Facts) -> Iterable[Problem]:
     over = sorted((n for n, layer in f.adapter.items() if layer.rank > cap), key=lambda n: -f.adapter[n].rank)  # largest first
     if over:
         yield Problem("rank", f"rank {f.adapter.rank} is greater than max_lora_rank {cap} ({_some(over)})",
-                      fix=f"re-compressed optimally to rank {cap}")
+                      fix=f"re-compressed optimally to at most rank {cap}")
 
 
 @_rule("vllm", "llama.cpp")
