@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
-import logging
 import os
 import re
 import shutil
@@ -16,6 +15,7 @@ import struct
 import sys
 import threading
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +40,7 @@ def atomic_output(
 
     Before anything is written, ``check_output`` refuses a ``path`` that is, holds or lies inside
     one of ``inputs`` (always) or that exists (unless ``force``), and leftovers of earlier runs to
-    ``path`` whose process is gone are removed (said through the ``adapterops`` logger). After the
+    ``path`` whose process is gone are removed (with a warning). After the
     body, the inputs are verified unchanged (``safety.Inputs``), then one rename publishes the
     output: without ``force`` it never replaces anything, so an output that appeared meanwhile
     (another process) fails with ``OutputExistsError`` and is left as it is; with ``force`` the old
@@ -62,9 +62,13 @@ def atomic_output(
             yield tmp
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
+                _blame_changed_inputs(watched, exc)
                 raise
             _remove(tmp)
             raise no_space(path, need) from None
+        except Exception as exc:
+            _blame_changed_inputs(watched, exc)  # a file rewritten under the reader fails in odd ways: say why
+            raise
         watched.verify()
         with _sigint_held():
             _commit(tmp, path, force=force)
@@ -72,6 +76,14 @@ def atomic_output(
     finally:
         _remove(tmp)  # after a swap, tmp holds the old output
         _remove(tmp.with_name(tmp.name + ".grow"))
+
+
+def _blame_changed_inputs(watched: Inputs, exc: BaseException) -> None:
+    if watched.changed():
+        try:
+            watched.verify()
+        except Exception as changed:
+            raise changed from exc
 
 
 def committed(path: str | os.PathLike) -> bool:
@@ -84,7 +96,9 @@ def no_space(path: str | os.PathLike, need: int | None, free: int | None = None)
     if free is None:
         free = _free_space(Path(path))
     needs = f"needs {format_bytes(need)}" if need else "needs more"
-    return NoSpaceError(f"no space left on device writing {path} ({needs}, {format_bytes(free)} free); free some space or write elsewhere")
+    error = NoSpaceError(f"no space left on device writing {path} ({needs}, {format_bytes(free)} free); free some space or write elsewhere")
+    error.errno = errno.ENOSPC
+    return error
 
 
 def require_space(path: str | os.PathLike, need: int) -> None:
@@ -98,7 +112,7 @@ def remove_leftovers(path: str | os.PathLike) -> list[Path]:
     """Remove the hidden temporaries of earlier writes to ``path`` whose owning process is gone.
 
     Entries of live processes, and names this module did not make, are left alone. Each removal
-    is logged (``adapterops`` logger, level WARNING); returns what was removed.
+    is said through ``warnings`` (the CLI prints it as one line); returns what was removed.
     """
     path = Path(path)
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:tmp|old)-([0-9a-f]+)\.(\d+)\.(\d+)-[0-9a-f]{{8}}(?:\.grow)?$")
@@ -113,11 +127,10 @@ def remove_leftovers(path: str | os.PathLike) -> list[Path]:
             continue
         _remove(Path(entry.path))
         removed.append(Path(entry.path))
-        _log.warning("removed %s, left behind by an interrupted run (process %s is gone)", entry.path, m.group(2))
+        warnings.warn(f"removed {entry.path}, left behind by an interrupted run (process {m.group(2)} is gone)")
     return removed
 
 
-_log = logging.getLogger("adapterops")
 _COMMITTED: set[str] = set()
 _AT_FDCWD = -100
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2

@@ -364,22 +364,37 @@ class _Pipeline:
                     for t in (*tensors.values(), *extras.values()):
                         t.record_stream(self.compute_stream)
                 results = tasks[0].job.compute(tasks)
+                counts = self._nonfinite(results)
             self.d2h_stream.wait_stream(self.compute_stream)
         else:
             with torch.no_grad():
                 results = tasks[0].job.compute(tasks)
+                counts = self._nonfinite(results)
         if len(results) != len(tasks):
             raise AdapterOpsError(f"compute returned {len(results)} results for {len(tasks)} jobs")
         nbytes_in = [sum(self.ck.nbytes(t) for t in job.inputs) for _, _, job, *_ in pending]
         pending.clear()
-        for task, (outputs, row), n_in in zip(tasks, results, nbytes_in):
-            outputs, row, done = self._to_host(dict(outputs), dict(row) if row is not None else None)
-            self._put(self.outbox, ("tensors", task.name, outputs, row, done, n_in))
+        for task, (outputs, row), n_in, count in zip(tasks, results, nbytes_in, counts):
+            outputs, row, count, done = self._to_host(dict(outputs), dict(row) if row is not None else None, count)
+            self._put(self.outbox, ("tensors", task.name, outputs, row, done, n_in, count))
 
-    def _to_host(self, outputs: dict[str, torch.Tensor], row: dict[str, Any] | None):
-        """Start copying results to pinned host memory; the writer waits on the returned event."""
+    def _nonfinite(self, results: Sequence[tuple[Mapping[str, torch.Tensor], Any]]) -> list[dict[str, torch.Tensor]]:
+        """Per output tensor, its count of NaN/Inf as a 0-dim tensor on the compute device.
+
+        Counted where the tensor was made (one fused reduction on a GPU), not in the writer thread,
+        which would have to scan every byte of the output on the CPU and bound the whole rewrite.
+        """
+        if self.finite.allow:
+            return [{} for _ in results]
+        return [
+            {k: (~torch.isfinite(v)).sum() for k, v in outputs.items() if (v.is_floating_point() or v.is_complex()) and v.numel()}
+            for outputs, _ in results
+        ]
+
+    def _to_host(self, outputs: dict[str, torch.Tensor], row: dict[str, Any] | None, counts: dict[str, torch.Tensor]):
+        """Start copying results (and their non-finite counts) to pinned host memory; the writer waits on the returned event."""
         if not self.cuda:
-            return {k: v.contiguous() for k, v in outputs.items()}, row, None
+            return {k: v.contiguous() for k, v in outputs.items()}, row, counts, None
         with torch.cuda.stream(self.d2h_stream):
             def host(t: torch.Tensor) -> torch.Tensor:
                 t.record_stream(self.d2h_stream)
@@ -388,11 +403,12 @@ class _Pipeline:
                 return h
 
             outputs = {k: host(v) for k, v in outputs.items()}
+            counts = {k: host(v) for k, v in counts.items()}
             if row is not None:
                 row = {k: host(v) if isinstance(v, torch.Tensor) and v.is_cuda else v for k, v in row.items()}
             done = torch.cuda.Event()
             done.record(self.d2h_stream)
-        return outputs, row, done
+        return outputs, row, counts, done
 
     # stage 3: append to the output shard
     def _write(self, root: Path) -> None:
@@ -416,11 +432,12 @@ class _Pipeline:
                     self.read_by_writer += self.ck.nbytes(name)
                     self.progress.advance(1, self.ck.nbytes(name))
                 elif kind == "tensors":
-                    _, name, outputs, row, done, n_in = item
+                    _, name, outputs, row, done, n_in, count = item
                     if done is not None:
                         done.synchronize()
                     for out_name, tensor in outputs.items():
-                        self.finite.add(out_name, tensor)
+                        if out_name in count:
+                            self.finite.add_count(out_name, int(count[out_name]), tensor.numel(), tensor.dtype)
                         writer.add(out_name, tensor)
                         names.append(out_name)
                     if row is not None:

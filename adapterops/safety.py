@@ -60,9 +60,13 @@ class Inputs:
                 self._stats.setdefault(file, _stat(file))
         return self
 
+    def changed(self) -> list[str]:
+        """The watched files whose size or mtime is not what the snapshot recorded."""
+        return [str(f) for f, before in self._stats.items() if _stat(f) != before]
+
     def verify(self) -> None:
         """Raise ``InputChangedError`` naming every watched file whose size or mtime changed."""
-        changed = [str(f) for f, before in self._stats.items() if _stat(f) != before]
+        changed = self.changed()
         if changed:
             more = f" and {len(changed) - _SHOWN} more" if len(changed) > _SHOWN else ""
             raise InputChangedError(
@@ -152,6 +156,12 @@ class FiniteCheck:
         if count:
             self.bad[name] = (count, flat.numel())
             self.float16 |= tensor.dtype == torch.float16
+
+    def add_count(self, name: str, count: int, numel: int, dtype: torch.dtype) -> None:
+        """Record a count made elsewhere (on the device that computed the tensor, say)."""
+        if count and not self.allow:
+            self.bad[name] = (count, numel)
+            self.float16 |= dtype == torch.float16
 
     def add_all(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for name, tensor in tensors.items():

@@ -1,4 +1,9 @@
-"""What every command shares: error handling, --json output, common options, progress on stderr."""
+"""What every command shares: error handling, --json output, common options, progress on stderr.
+
+Every failure ends as one ``Error: ...`` line on stderr: exit 1 for errors, 2 for usage errors
+(the line ends with where to find help), 130 for Ctrl-C, unless the command's output was already
+published, in which case it exits 0 (the output is complete).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ from typing import Any
 
 import click
 
+from .._files import committed
 from ..errors import AdapterOpsError, OutputExistsError
+from ..safety import Inputs, check_output
 
 DEBUG_ENV = "ADAPTEROPS_DEBUG"
 
@@ -30,10 +37,39 @@ class Group(click.Group):
                 return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except KeyboardInterrupt:
+            raise _Interrupted from None  # past click, which would print a blank line and "Aborted!"
         except Exception as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
             raise click.ClickException(" ".join(describe_error(exc).split())) from None  # always one line
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        _OUTPUTS.clear()
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except (_Interrupted, KeyboardInterrupt, click.Abort):
+            if any(committed(p) for p in _OUTPUTS):
+                sys.exit(0)  # the output is complete: Ctrl-C came after it was published
+            click.echo("Error: interrupted", err=True)
+            sys.exit(130)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "adapterops"
+            click.echo(f"Error: {' '.join(exc.format_message().split())} (see '{where} -h')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class _Interrupted(Exception):
+    """Ctrl-C, carried past click's own handling to ``Group.main``."""
+
+
+_OUTPUTS: list[str] = []  # the output paths of the running command (see ``remember_output``)
 
 
 @contextmanager
@@ -64,11 +100,21 @@ def describe_error(exc: Exception) -> str:
 
 
 def emit(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
-    """Print ``data`` as JSON (for scripts) or through ``render`` (for people) on stdout."""
+    """Print ``data`` as JSON (for scripts) or through ``render`` (for people) on stdout.
+
+    Called after the output was published, so it cannot fail: a ``render`` that raises falls back
+    to the JSON (set ADAPTEROPS_DEBUG=1 to see the error instead).
+    """
     if as_json:
         click.echo(json.dumps(data, indent=2, default=_json_default))
-    else:
-        click.echo(render(data))
+        return
+    try:
+        text = render(data)
+    except Exception:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        text = json.dumps(data, indent=2, default=_json_default)
+    click.echo(text)
 
 
 def _json_default(value: Any) -> Any:
@@ -86,10 +132,24 @@ def status(message: str) -> None:
     click.echo(message, err=True)
 
 
-def refuse_existing(path: str | Path, force: bool) -> None:
-    """Fail before any work is done when the output exists and --force was not given."""
-    if Path(path).exists() and not force:
+def refuse_existing(path: str | Path, force: bool, inputs: Inputs | list[Any] | tuple[Any, ...] = ()) -> Inputs:
+    """Fail before any work is done when the output overlaps an input (always) or exists (without --force).
+
+    Returns a snapshot of ``inputs`` (``safety.Inputs``) to hand to the writer, which refuses to
+    publish the output if one of them changed meanwhile.
+    """
+    watched = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
+    check_output(path, inputs=watched, force=True)  # the overlap; existence next, in the CLI's words
+    if (Path(path).exists() or Path(path).is_symlink()) and not force:
         raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
+    remember_output(path)
+    return watched
+
+
+def remember_output(path: str | Path | None) -> None:
+    """Note ``path`` as an output of the running command: once it is published, Ctrl-C exits 0."""
+    if path is not None:
+        _OUTPUTS.append(str(path))
 
 
 def parse_floats(text: str, what: str) -> list[float]:
@@ -103,13 +163,16 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 force_option = click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output on stderr.")
 allow_nonfinite_option = click.option(
-    "--allow-nonfinite", is_flag=True, help="Load adapters holding NaN or Inf instead of refusing them."
+    "--allow-nonfinite", is_flag=True, help="Read and write NaN or Inf values instead of refusing them."
 )
 device_option = click.option("--device", default=None, help="torch device for the computation (default: cuda if present, else cpu).")
 
 
 def output_option(help: str = "Output path.") -> Callable:
-    return click.option("-o", "--output", "--out", "output", required=True, type=click.Path(), help=help)
+    return click.option(
+        "-o", "--output", "--out", "output", required=True, type=click.Path(), help=help,
+        callback=lambda ctx, param, value: remember_output(value) or value,
+    )
 
 
 def rank_rule_options(required: bool) -> Callable:
