@@ -42,7 +42,7 @@ through ``Adapter.compress``; ``metadata["blend"]`` reports each layer's kept ra
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +129,7 @@ _DARE_OPTIONS = {"density": _MISSING, "ties": True, **_SPARSIFY}
 
 
 # ---------------------------------------------------------------------------------------------
-# Elementwise merges of stacked task coordinates x (n, *shape) -> (*shape)
+# Elementwise merges of stacked task coordinates x (n, L, a, b) -> (L, a, b): one item per (task, layer)
 
 Combine = Callable[[torch.Tensor, torch.Tensor, list[torch.Generator], Mapping[str, Any]], torch.Tensor]
 
@@ -139,12 +139,12 @@ def _sparsify_knobs(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _ties(x: torch.Tensor, weights: torch.Tensor, generators: list[torch.Generator], options: Mapping[str, Any]) -> torch.Tensor:
-    return sparsify.ties_merge(x, weights, density=options["density"], **_sparsify_knobs(options))
+    return sparsify.ties_merge(x, weights, density=options["density"], item_dims=2, **_sparsify_knobs(options))
 
 
 def _dare(x: torch.Tensor, weights: torch.Tensor, generators: list[torch.Generator], options: Mapping[str, Any]) -> torch.Tensor:
     return sparsify.dare_merge(x, weights, density=options["density"], generator=generators, ties=options["ties"],
-                               item_dims=x.ndim - 1, **_sparsify_knobs(options))
+                               item_dims=2, **_sparsify_knobs(options))
 
 
 def _linear(x: torch.Tensor, weights: torch.Tensor, generators: list[torch.Generator], options: Mapping[str, Any]) -> torch.Tensor:
@@ -226,8 +226,8 @@ def _trim(S: torch.Tensor, shape: tuple[int, int], floor: float = 0.0) -> int:
 # KnOTS
 
 
-def _knots_layers(group: _Group) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
-    """Per layer: ``U`` (out, k) and the task coordinates ``S V_i^T`` (k, in), from the factors.
+def _knots_batches(group: _Group) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """``(layers, U (L', out, k), S V_i^T stacked (n, L', k, in))`` for layers keeping ``k`` directions.
 
     ``[dW_1 ... dW_n] = [B_1 ... B_n] blockdiag(A_1, ..., A_n)``; with ``[B_1 ... B_n] = Qb Rb`` and
     ``A_i^T = Qa_i Ra_i`` the concatenation is ``Qb [Rb_1 Ra_1^T ... Rb_n Ra_n^T] blockdiag(Qa_i^T)``,
@@ -245,26 +245,35 @@ def _knots_layers(group: _Group) -> list[tuple[torch.Tensor, list[torch.Tensor]]
     flip = _canonical_signs(U)  # (L, 1, k)
     U, Vch = U * flip, Vch * flip.mT
     Vh_blocks = torch.split(Vch, [Rai.shape[-2] for _, Rai in QRa], dim=-1)  # (L, k, n_i)
-    coords = [S[..., None] * (Vhi @ Qai.mT) for Vhi, (Qai, _) in zip(Vh_blocks, QRa)]  # (L, k, in)
+    coords = torch.stack([S[..., None] * (Vhi @ Qai.mT) for Vhi, (Qai, _) in zip(Vh_blocks, QRa)])  # (n, L, k, in)
     floors = linalg.noise_floor(Bcat, torch.cat(group.A, dim=-2)).tolist()  # same norms as blockdiag(A_i)
     out, inp = group.shape
-    result = []
-    for layer, floor in enumerate(floors):
-        k = _trim(S[layer], (out, inp * len(group.A)), floor)
-        result.append((U[layer, :, :k], [c[layer, :k] for c in coords]))
-    return result
+    spectra = S.cpu()
+    kept = [(_trim(spectra[j], (out, inp * len(group.A)), floor),) for j, floor in enumerate(floors)]
+    for (k,), rows in _batches(kept):
+        if k == 0:
+            continue
+        idx = torch.tensor(rows, device=U.device)
+        yield rows, U[idx, :, :k], coords[:, idx, :k]
+
+
+def _batches(sizes: Sequence[tuple[int, ...]]) -> Iterator[tuple[tuple[int, ...], list[int]]]:
+    """Layer indices grouped by the sizes they keep: each group merges as one batch."""
+    found: dict[tuple[int, ...], list[int]] = {}
+    for layer, size in enumerate(sizes):
+        found.setdefault(size, []).append(layer)
+    yield from found.items()
 
 
 def _knots(method: str, combine: Combine, known: Mapping, adapters, weights, *, rule, seed, device, **options) -> Adapter:
     opts = _options(method, options, known)
     merged: dict[str, Factors] = {}
     for group in _groups(adapters, weights, device):
-        for name, (U, coords) in zip(group.names, _knots_layers(group)):
-            if U.shape[-1] == 0:
-                continue
-            x = torch.stack(coords)  # (n, k, in)
-            generators = _generators(seed, [name], len(coords), x.device, "mask")  # one per task, from (seed, layer)
-            merged[name] = (U, combine(x, group.weights, generators, opts))  # (out, k), (k, in)
+        for rows, U, x in _knots_batches(group):
+            names = [group.names[j] for j in rows]
+            generators = _generators(seed, names, x.shape[0], x.device, "mask")  # per (task, layer), from (seed, layer)
+            X = combine(x, group.weights, generators, opts)  # (n, L', k, in) -> (L', k, in)
+            merged.update({name: (U[j], X[j]) for j, name in enumerate(names)})  # (out, k), (k, in)
     return _finish(method, opts, adapters, merged, rule, device)
 
 
@@ -308,30 +317,32 @@ def _singular_basis(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return basis * _canonical_signs(basis), s
 
 
-def _core_layers(group: _Group) -> list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
-    """Per layer: ``U_B`` (out, kb), ``V_A`` (in, ka) and the cores ``M_i = U_B^T dW_i V_A`` (kb, ka)."""
+def _core_batches(group: _Group) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(layers, U_B (L', out, kb), V_A (L', in, ka), cores M_i stacked (n, L', kb, ka))``, by kept sizes."""
     UB, sb = _singular_basis(torch.cat(group.B, dim=-1))  # (L, out, m), (L, m): from [B_1 ... B_n]
     VA, sa = _singular_basis(torch.cat(group.A, dim=-2).mT)  # (L, in, n), (L, n): from [A_1; ...; A_n]
-    cores = [(UB.mT @ B) @ (A @ VA) for B, A in zip(group.B, group.A)]  # (m, r_i) @ (r_i, n) -> (L, m, n)
+    cores = torch.stack([(UB.mT @ B) @ (A @ VA) for B, A in zip(group.B, group.A)])  # (m, r_i) @ (r_i, n) -> (n, L, m, n)
     out, inp = group.shape
     rank = sum(B.shape[-1] for B in group.B)
-    result = []
-    for layer in range(len(group.names)):
-        kb, ka = _trim(sb[layer], (out, rank)), _trim(sa[layer], (inp, rank))
-        result.append((UB[layer, :, :kb], VA[layer, :, :ka], [M[layer, :kb, :ka] for M in cores]))
-    return result
+    sb, sa = sb.cpu(), sa.cpu()
+    kept = [(_trim(sb[j], (out, rank)), _trim(sa[j], (inp, rank))) for j in range(len(group.names))]
+    for (kb, ka), rows in _batches(kept):
+        if kb == 0 or ka == 0:
+            continue
+        idx = torch.tensor(rows, device=UB.device)
+        yield rows, UB[idx, :, :kb], VA[idx, :, :ka], cores[:, idx, :kb, :ka]
 
 
 def _core(method: str, combine: Combine, known: Mapping, adapters, weights, *, rule, seed, device, **options) -> Adapter:
     opts = _options(method, options, known)
     merged: dict[str, Factors] = {}
     for group in _groups(adapters, weights, device):
-        for name, (UB, VA, cores) in zip(group.names, _core_layers(group)):
-            if UB.shape[-1] == 0 or VA.shape[-1] == 0:
-                continue
-            generators = _generators(seed, [name], len(cores), UB.device, "mask")  # one per task, from (seed, layer)
-            M = combine(torch.stack(cores), group.weights, generators, opts)  # (n, kb, ka) -> (kb, ka)
-            merged[name] = (UB @ M, VA.mT)  # (out, kb) @ (kb, ka) -> (out, ka); (ka, in)
+        for rows, UB, VA, cores in _core_batches(group):
+            names = [group.names[j] for j in rows]
+            generators = _generators(seed, names, cores.shape[0], cores.device, "mask")  # per (task, layer)
+            M = combine(cores, group.weights, generators, opts)  # (n, L', kb, ka) -> (L', kb, ka)
+            B = UB @ M  # (L', out, kb) @ (L', kb, ka) -> (L', out, ka)
+            merged.update({name: (B[j], VA[j].mT) for j, name in enumerate(names)})  # (out, ka), (ka, in)
     return _finish(method, opts, adapters, merged, rule, device)
 
 
@@ -399,11 +410,10 @@ def tsv(adapters: Sequence[Adapter], weights: Sequence[float], *, rule: Mapping[
     for group in _groups(adapters, weights, device):
         svds = [linalg.factored_svd(B, A) for B, A in zip(group.B, group.A)]  # (L, out, k_i), (L, k_i), (L, k_i, in)
         floors = [linalg.noise_floor(B, A).tolist() for B, A in zip(group.B, group.A)]
-        batches: dict[tuple[int, ...], list[int]] = {}  # layers keeping the same counts run as one batch
-        for layer in range(len(group.names)):
-            keep = tuple(math.ceil(opts["fraction"] * _trim(S[layer], group.shape, f[layer])) for (_, S, _), f in zip(svds, floors))
-            batches.setdefault(keep, []).append(layer)
-        for keep, rows in batches.items():
+        spectra = [S.cpu() for _, S, _ in svds]
+        kept = [tuple(math.ceil(opts["fraction"] * _trim(S[j], group.shape, f[j])) for S, f in zip(spectra, floors))
+                for j in range(len(group.names))]
+        for keep, rows in _batches(kept):
             if sum(keep) == 0:
                 continue
             idx = torch.tensor(rows, device=group.weights.device)
