@@ -355,3 +355,15 @@ def test_readme_merge_methods_snippet_runs(monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     row = scope["mix"].metadata["blend"]["layers"]["model.layers.0.self_attn.q_proj"]
     assert row["rank"] == 16 and f"{row['energy_kept']:.4f}" in code
+
+
+def test_chunking_does_not_change_the_result(adapters, monkeypatch):
+    together = ao.blend(adapters, WEIGHTS, "della", 0.5, seed=2)
+    monkeypatch.setattr(dense, "CPU_CHUNK_BYTES", 1)  # one layer's dense deltas at a time
+    seen = []
+    original = dense._truncate
+    monkeypatch.setattr(dense, "_truncate", lambda M, *a, **k: seen.append(M.shape[0]) or original(M, *a, **k))
+    alone = ao.blend(adapters, WEIGHTS, "della", 0.5, seed=2)
+    assert seen == [1, 1, 1]
+    for name in SHAPES:
+        torch.testing.assert_close(alone.delta(name), together.delta(name))
