@@ -1,0 +1,327 @@
+"""A seeded mutator over real files of every adapter format and of a sharded base checkpoint.
+
+Each mutant (truncation, byte flips in header and data, header JSON edits of offsets, dtypes,
+shapes, keys and metadata, config and index JSON edits) must either raise an AdapterOpsError, or
+load to exactly what an independent reading gives: safetensors' own reader for the bytes (so
+nothing safetensors refuses is accepted), PEFT's ``get_pattern_key`` and ``LoraConfig`` defaults
+for ranks and alphas, sd-scripts' rule for kohya alphas. Never another exception type, never a
+hang: each case runs under a timeout (a hang detector, generous for a shared CI machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import struct
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_safety_inputs import tiny_base
+
+import adapterops as ao
+from adapterops import Adapter, LoraLayer
+from adapterops.checkpoint import Checkpoint
+from adapterops.errors import AdapterOpsError
+from adapterops.formats import kohya
+
+SEED = 20261203
+TIMEOUT = 10.0  # seconds per case; a hang (exponential regex, unbounded loop) never finishes at all
+MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.0.mlp.down_proj"]
+# Keys that can never match a name in MODULES (no 'z' or 'b' there), and that backtracking
+# regex engines take forever on: the oracle leaves them out instead of evaluating them.
+CATASTROPHIC = ["(.|.)*z", "(a|aa)*b", "((a+)+)+z"]
+PATTERN_KEYS = ["q_proj", "v_proj", r"layers\.\d+\.self_attn\.q_proj", "model.layers.0.mlp.down_proj", ".*", "(", r"(a)\1",
+                "q_proj|v_proj", "(?i)x", *CATASTROPHIC]
+ODD_VALUES = [None, 0, -1, 1.5, "8", True, [], {}, 1e308, 3, 2, 4, 8]
+CONFIG_FIELDS = ["r", "lora_alpha", "peft_type", "use_rslora", "alpha_pattern", "rank_pattern", "use_dora", "fan_in_fan_out"]
+DTYPES = ["F16", "BF16", "F32", "F64", "I32", "I64", "U8", "BOOL", "F8_E4M3", "C64", "F4", "U64", "X"]
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz")
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 6, 2, 4.0), (8, 6, 3, 6.0), (6, 8, 2, 1.5)]
+    adapter = Adapter({m: LoraLayer(torch.randn(r, i, generator=g), torch.randn(o, r, generator=g), a) for m, (o, i, r, a) in zip(MODULES, shapes)})
+    adapter.save(root / "native.st")
+    adapter.save(root / "peft", format="peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter.save(root / "kohya.safetensors", format="kohya")
+    tiny_base(root / "base")
+    return root
+
+
+# ---------------------------------------------------------------- mutators
+
+
+def split(raw: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def join(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def mutate_config(rng: random.Random, config: dict) -> object:
+    op = rng.choice(["drop", "value", "pattern", "pattern", "rslora", "not an object"])
+    config = json.loads(json.dumps(config))
+    if op == "drop":
+        config.pop(rng.choice(CONFIG_FIELDS), None)
+    elif op == "value":
+        config[rng.choice(CONFIG_FIELDS)] = rng.choice(ODD_VALUES)
+    elif op == "pattern":
+        field = rng.choice(["alpha_pattern", "rank_pattern"])
+        patterns = config.get(field) if isinstance(config.get(field), dict) else {}
+        patterns = {rng.choice(PATTERN_KEYS): rng.choice([1, 2, 3, 4, 8, 0.5, "x", 0]), **patterns} if rng.random() < 0.5 else {**patterns, rng.choice(PATTERN_KEYS): rng.choice([2, 3, 4, 8])}
+        config[field] = patterns
+    elif op == "rslora":
+        config["use_rslora"] = True
+    else:
+        return rng.choice([[1, 2], "LORA", 7])
+    return config
+
+
+def mutate_header(rng: random.Random, header: dict, meta_key: str | None) -> None:
+    names = [k for k in header if k != "__metadata__"]
+    name = rng.choice(names) if names else None
+    op = rng.choice(["offsets", "dtype", "shape", "delete", "rename", "add", "metadata", "metadata"] if name else ["add", "metadata"])
+    if op == "offsets":
+        b, e = header[name]["data_offsets"]
+        d = rng.choice([-8, -1, 1, 4, 8, 1 << 40])
+        header[name]["data_offsets"] = rng.choice([[b + d, e + d], [b, e + d], [-8, e], [e, b], [b, 2**64], "x", [b], [b, e, 0]])
+    elif op == "dtype":
+        header[name]["dtype"] = rng.choice(DTYPES)
+    elif op == "shape":
+        shape = list(header[name]["shape"])
+        header[name]["shape"] = rng.choice([shape + [1], shape[::-1], [0] + shape[1:], [-1] + shape[1:], [2**40] + shape[1:],
+                                            ["3"] + shape[1:], [True] + shape[1:], shape[:-1], [], [shape[0] * 2, shape[-1] // 2]])
+    elif op == "delete":
+        del header[name]
+    elif op == "rename":
+        header[name.replace("lora", rng.choice(["lora", "Lora", "lora_"]), 1) + rng.choice(["", ".weight", ".default"])] = header.pop(name)
+    elif op == "add":
+        header[rng.choice(["extra", f"base_model.model.{MODULES[0]}.lora_A.default.weight", "lora_x.alpha"])] = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    else:
+        meta = header.get("__metadata__") or {}
+        if meta_key and meta_key in meta and rng.random() < 0.7:
+            value = json.loads(meta[meta_key])
+            if meta_key == kohya.MODULES_KEY:
+                keys = list(value) or ["lora_x"]
+                value[rng.choice(keys)] = rng.choice([MODULES[0], "a.b", 3, MODULES[1]])
+            else:
+                value = mutate_config(rng, value)
+            meta[meta_key] = json.dumps(value) if rng.random() < 0.9 else json.dumps(value)[:-2]
+        else:
+            meta[rng.choice(["format", meta_key or "x"])] = rng.choice([1, None, ["x"], "text", "{"])
+        header["__metadata__"] = meta
+
+
+def mutate_safetensors(rng: random.Random, raw: bytes, meta_key: str | None) -> bytes:
+    (n,) = struct.unpack("<Q", raw[:8])
+    op = rng.choice(["truncate", "flip header", "flip data", "edit header", "edit header", "edit header", "length"])
+    if op == "truncate":
+        return raw[: rng.randrange(len(raw))]
+    if op == "length":
+        return struct.pack("<Q", rng.choice([n - 1, n + 1, n + 8, len(raw), 2**63, 0])) + raw[8:]
+    if op.startswith("flip"):
+        lo, hi = (0, 8 + n) if op == "flip header" else (8 + n, len(raw))
+        pos = rng.randrange(lo, hi)
+        return raw[:pos] + bytes([raw[pos] ^ (1 << rng.randrange(8))]) + raw[pos + 1 :]
+    header, data = split(raw)
+    mutate_header(rng, header, meta_key)
+    out = join(header, data)
+    if rng.random() < 0.1:  # the same key twice, which JSON allows and safetensors must not
+        first = next((k for k in header if k != "__metadata__"), None)
+        if first:
+            text = json.dumps(header).encode()[:-1] + b", " + json.dumps({first: header[first]})[1:-1].encode() + b"}"
+            out = struct.pack("<Q", len(text)) + text + data
+    return out
+
+
+def mutate_bytes_or_json(rng: random.Random, raw: bytes, edit) -> bytes:
+    if rng.random() < 0.25:
+        return raw[: rng.randrange(len(raw))] if rng.random() < 0.5 else raw.replace(b"{", b"[", 1)
+    return json.dumps(edit(json.loads(raw))).encode()
+
+
+# ---------------------------------------------------------------- running one case
+
+
+def run_bounded(fn):
+    """``("ok", value)``, ``("error", exc)`` or ``("hang", None)`` for ``fn()`` under TIMEOUT."""
+    box: list = []
+
+    def target():
+        try:
+            box.append(("ok", fn()))
+        except BaseException as exc:  # noqa: BLE001 - classified by the caller
+            box.append(("error", exc))
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(TIMEOUT)
+    return box[0] if box else ("hang", None)
+
+
+def classify(outcome, describe: str, problems: list[str]) -> object | None:
+    kind, value = outcome
+    if kind == "hang":
+        problems.append(f"{describe}: no answer within {TIMEOUT} s")
+    elif kind == "error" and not isinstance(value, AdapterOpsError):
+        problems.append(f"{describe}: {type(value).__name__}: {value}")
+    elif kind == "ok":
+        return value
+    return None
+
+
+# ---------------------------------------------------------------- the independent readings
+
+
+def peft_oracle(config: dict, module: str, rank: int) -> float:
+    """PEFT's own rule (get_pattern_key) and LoraConfig defaults: the alpha our convention must hold."""
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
+    defaults = LoraConfig()
+
+    def pick(field, default):
+        patterns = {k: v for k, v in (config.get(field) or {}).items() if k not in CATASTROPHIC}
+        return patterns.get(get_pattern_key(patterns.keys(), module), default)
+
+    r = pick("rank_pattern", config.get("r") if config.get("r") is not None else defaults.r)
+    assert r == rank, (module, r, rank)
+    alpha = float(pick("alpha_pattern", config.get("lora_alpha") if config.get("lora_alpha") is not None else defaults.lora_alpha))
+    return alpha / math.sqrt(r) * r if config.get("use_rslora") else alpha
+
+
+def check_adapter(adapter: Adapter, weights: Path, config: dict | None, fmt: str) -> None:
+    tensors = load_file(str(weights))  # safetensors must accept what we accepted
+    roles = ("lora_down.weight", "lora_up.weight") if fmt == "kohya" else ("lora_A", "lora_B")
+    n_files = len({k.rsplit(roles[0], 1)[0] for k in tensors if roles[0] in k})
+    assert len(adapter) == n_files
+    for module, layer in adapter.items():
+        stem = kohya.flat_name(module) if fmt == "kohya" and not module.startswith("lora_") else module
+        for role, t in zip(roles, (layer.A, layer.B)):
+            same = [k for k in tensors if f"{stem}.{role}" in k and tensors[k].dtype == t.dtype and torch.equal(tensors[k], t)]
+            assert same, (module, role)
+        if fmt == "kohya":
+            alpha = tensors.get(f"{stem}.alpha")
+            expected = float(layer.rank) if alpha is None or float(alpha) == 0 else float(alpha.double())
+        else:
+            expected = peft_oracle(config, module, layer.rank)
+        assert layer.alpha == pytest.approx(expected, rel=1e-12), module
+
+
+def check_base(ck: Checkpoint, root: Path) -> None:
+    names = set()
+    for shard in ck.files:
+        with safe_open(str(shard), framework="pt") as f:  # safetensors must accept every shard we accepted
+            for name in f.keys():
+                names.add(name)
+                assert torch.equal(ck.read(name), f.get_tensor(name)), name
+                assert ck.file_of(name) == shard
+    assert names == set(ck.names())
+    index = json.loads((root / "model.safetensors.index.json").read_text())
+    assert {n: root / f for n, f in index["weight_map"].items()} == {n: ck.file_of(n) for n in names}
+
+
+# ---------------------------------------------------------------- the tests
+
+
+def cases(count: int, salt: int):
+    rng = random.Random(SEED * 1000 + salt)
+    return [(i, random.Random(rng.random())) for i in range(count)]
+
+
+@pytest.mark.parametrize("fmt", ["native", "kohya"])
+def test_single_file_adapters_survive_mutation(originals, tmp_path, fmt):
+    source = originals / ("native.st" if fmt == "native" else "kohya.safetensors")
+    raw = source.read_bytes()
+    meta_key = "adapter_config" if fmt == "native" else kohya.MODULES_KEY
+    problems: list[str] = []
+    loaded = 0
+    for i, rng in cases(80, 1 if fmt == "native" else 2):
+        path = tmp_path / f"m{i}{source.suffix}"
+        path.write_bytes(mutate_safetensors(rng, raw, meta_key))
+        adapter = classify(run_bounded(lambda: ao.load(path)), f"{fmt} mutant {i}", problems)
+        if adapter is not None:
+            loaded += 1
+            header = {}
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+            config = json.loads(header["adapter_config"]) if fmt == "native" else None
+            check_adapter(adapter, path, config, fmt)
+    assert not problems, "\n".join(problems)
+    assert loaded >= 3  # some mutants are harmless (data flips): the oracle comparison ran on them
+
+
+def test_peft_directories_survive_mutation(originals, tmp_path):
+    problems: list[str] = []
+    loaded = 0
+    for i, rng in cases(90, 3):
+        d = tmp_path / f"p{i}"
+        shutil.copytree(originals / "peft", d)
+        if rng.random() < 0.5:
+            cfg = d / "adapter_config.json"
+            cfg.write_bytes(mutate_bytes_or_json(rng, cfg.read_bytes(), lambda c: mutate_config(rng, c)))
+        else:
+            w = d / "adapter_model.safetensors"
+            w.write_bytes(mutate_safetensors(rng, w.read_bytes(), None))
+        adapter = classify(run_bounded(lambda: ao.load(d)), f"peft mutant {i}", problems)
+        if adapter is not None:
+            loaded += 1
+            check_adapter(adapter, d / "adapter_model.safetensors", json.loads((d / "adapter_config.json").read_text()), "peft")
+    assert not problems, "\n".join(problems)
+    assert loaded >= 3
+
+
+def mutate_index(rng: random.Random, index: dict) -> object:
+    weight_map = index["weight_map"]
+    name = rng.choice(sorted(weight_map))
+    shards = sorted(set(weight_map.values()))
+    op = rng.choice(["drop", "move", "phantom", "escape", "type", "not a map"])
+    if op == "drop":
+        del weight_map[name]
+    elif op == "move":
+        weight_map[name] = rng.choice(shards)
+    elif op == "phantom":
+        weight_map["model.ghost.weight"] = rng.choice(shards)
+    elif op == "escape":
+        weight_map[name] = rng.choice(["../" + weight_map[name], "/etc/hostname", "./" + weight_map[name], "x.bin", ""])
+    elif op == "type":
+        weight_map[name] = rng.choice([1, None, ["a"]])
+    else:
+        index["weight_map"] = rng.choice([[1], "x", None, {}])
+    return index
+
+
+def test_base_checkpoints_survive_mutation(originals, tmp_path):
+    problems: list[str] = []
+    loaded = 0
+    for i, rng in cases(90, 4):
+        d = tmp_path / f"b{i}"
+        shutil.copytree(originals / "base", d)
+        if rng.random() < 0.3:
+            index = d / "model.safetensors.index.json"
+            index.write_bytes(mutate_bytes_or_json(rng, index.read_bytes(), lambda x: mutate_index(rng, x)))
+        else:
+            shard = rng.choice(sorted(d.glob("*.safetensors")))
+            shard.write_bytes(mutate_safetensors(rng, shard.read_bytes(), None))
+        ck = classify(run_bounded(lambda: Checkpoint(d)), f"base mutant {i}", problems)
+        if ck is not None:
+            loaded += 1
+            outcome = run_bounded(lambda: check_base(ck, d))
+            if outcome[0] != "ok":
+                problems.append(f"base mutant {i}: accepted, but differs from safetensors' reading ({outcome[1]!r})")
+    assert not problems, "\n".join(problems)
+    assert loaded >= 3
