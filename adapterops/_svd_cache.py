@@ -124,7 +124,6 @@ class SvdCache:
         self.max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
         self.hits = 0
         self.misses = 0
-        self.pin = False  # read entries into pinned memory (set when they go to a GPU)
         self._write_failed = not enabled
 
     def path(self, key: str) -> Path:
@@ -144,8 +143,8 @@ class SvdCache:
             if any(e.shape != shape_ or e.dtype != dt for e, (shape_, dt) in zip(entries.values(), expect.values())):
                 return None
             fd = os.open(path, os.O_RDONLY)
-            try:  # straight into (pinned, when bound for a GPU) memory; preadv releases the GIL
-                got = {k: read_tensor(e, k, fd=fd, out=torch.empty(e.nbytes, dtype=torch.uint8, pin_memory=self.pin)) for k, e in entries.items()}
+            try:  # preadv releases the GIL, so the reader threads overlap (pageable memory: pinning each entry costs more than it saves)
+                got = {k: read_tensor(e, k, fd=fd) for k, e in entries.items()}
             finally:
                 os.close(fd)
         except (FormatError, KeyError, OSError):  # corrupt or of another version: recompute and overwrite
@@ -338,7 +337,6 @@ def base_svd_chunks(
     consumed; cache writes run in a background thread; the cache is pruned to its limit at the end.
     """
     workers = workers or min(8, os.cpu_count() or 1)
-    cache.pin = device.type == "cuda"
     plan = [chunk for names in groups for chunk in _chunked(list(names), _chunk_size(weights, targets[names[0]], device))]
     readers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapterops-read")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-cache")

@@ -184,9 +184,9 @@ def time_child(
 
 
 def cli(*args: object) -> list[str]:
-    """The ``adapterops`` command installed beside this interpreter, as a user runs it."""
-    exe = Path(sys.executable).with_name("adapterops")
-    return [str(exe) if exe.exists() else shutil.which("adapterops") or "adapterops", *map(str, args)]
+    """The ``adapterops`` command as a user runs it: the one on PATH, else the one beside this interpreter."""
+    exe = shutil.which("adapterops") or str(Path(sys.executable).with_name("adapterops"))
+    return [exe, *map(str, args)]
 
 
 def drop_page_cache() -> bool:
