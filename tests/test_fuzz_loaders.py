@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig  # imported here, not under a case's timeout: the first import is slow
+from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_safety_inputs import tiny_base
@@ -189,9 +191,6 @@ def classify(outcome, describe: str, problems: list[str]) -> object | None:
 
 def peft_oracle(config: dict, module: str, rank: int) -> float:
     """PEFT's own rule (get_pattern_key) and LoraConfig defaults: the alpha our convention must hold."""
-    from peft import LoraConfig
-    from peft.utils.other import get_pattern_key
-
     defaults = LoraConfig()
 
     def pick(field, default):
@@ -223,6 +222,7 @@ def check_adapter(adapter: Adapter, weights: Path, config: dict | None, fmt: str
 
 
 def check_base(ck: Checkpoint, root: Path) -> None:
+    """Every tensor as safetensors reads it, in the shard the index names, and nothing else."""
     names = set()
     for shard in ck.files:
         with safe_open(str(shard), framework="pt") as f:  # safetensors must accept every shard we accepted
@@ -243,32 +243,44 @@ def cases(count: int, salt: int):
     return [(i, random.Random(rng.random())) for i in range(count)]
 
 
+def fuzz(count: int, salt: int, make, load, check) -> None:
+    """``make(i, rng)`` writes mutant ``i`` and returns its path; ``load`` reads it; ``check(value, path)``
+    compares an accepted mutant with the independent reading."""
+    problems: list[str] = []
+    loaded = 0
+    for i, rng in cases(count, salt):
+        target = make(i, rng)
+        value = classify(run_bounded(lambda: load(target)), f"mutant {i} ({target.name})", problems)
+        if value is not None:
+            loaded += 1
+            outcome = run_bounded(lambda: check(value, target))
+            if outcome[0] != "ok":
+                problems.append(f"mutant {i} ({target.name}): accepted, but differs from the independent reading ({outcome[1]!r})")
+    assert not problems, "\n".join(problems)
+    assert loaded >= 3  # some mutants are harmless (data flips): the comparison ran on them
+
+
 @pytest.mark.parametrize("fmt", ["native", "kohya"])
 def test_single_file_adapters_survive_mutation(originals, tmp_path, fmt):
     source = originals / ("native.st" if fmt == "native" else "kohya.safetensors")
     raw = source.read_bytes()
     meta_key = "adapter_config" if fmt == "native" else kohya.MODULES_KEY
-    problems: list[str] = []
-    loaded = 0
-    for i, rng in cases(80, 1 if fmt == "native" else 2):
+
+    def make(i, rng):
         path = tmp_path / f"m{i}{source.suffix}"
         path.write_bytes(mutate_safetensors(rng, raw, meta_key))
-        adapter = classify(run_bounded(lambda: ao.load(path)), f"{fmt} mutant {i}", problems)
-        if adapter is not None:
-            loaded += 1
-            header = {}
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-            config = json.loads(header["adapter_config"]) if fmt == "native" else None
-            check_adapter(adapter, path, config, fmt)
-    assert not problems, "\n".join(problems)
-    assert loaded >= 3  # some mutants are harmless (data flips): the oracle comparison ran on them
+        return path
+
+    def check(adapter, path):
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        check_adapter(adapter, path, json.loads(header["adapter_config"]) if fmt == "native" else None, fmt)
+
+    fuzz(80, 1 if fmt == "native" else 2, make, ao.load, check)
 
 
 def test_peft_directories_survive_mutation(originals, tmp_path):
-    problems: list[str] = []
-    loaded = 0
-    for i, rng in cases(90, 3):
+    def make(i, rng):
         d = tmp_path / f"p{i}"
         shutil.copytree(originals / "peft", d)
         if rng.random() < 0.5:
@@ -277,12 +289,12 @@ def test_peft_directories_survive_mutation(originals, tmp_path):
         else:
             w = d / "adapter_model.safetensors"
             w.write_bytes(mutate_safetensors(rng, w.read_bytes(), None))
-        adapter = classify(run_bounded(lambda: ao.load(d)), f"peft mutant {i}", problems)
-        if adapter is not None:
-            loaded += 1
-            check_adapter(adapter, d / "adapter_model.safetensors", json.loads((d / "adapter_config.json").read_text()), "peft")
-    assert not problems, "\n".join(problems)
-    assert loaded >= 3
+        return d
+
+    def check(adapter, d):
+        check_adapter(adapter, d / "adapter_model.safetensors", json.loads((d / "adapter_config.json").read_text()), "peft")
+
+    fuzz(90, 3, make, ao.load, check)
 
 
 def mutate_index(rng: random.Random, index: dict) -> object:
@@ -306,9 +318,7 @@ def mutate_index(rng: random.Random, index: dict) -> object:
 
 
 def test_base_checkpoints_survive_mutation(originals, tmp_path):
-    problems: list[str] = []
-    loaded = 0
-    for i, rng in cases(90, 4):
+    def make(i, rng):
         d = tmp_path / f"b{i}"
         shutil.copytree(originals / "base", d)
         if rng.random() < 0.3:
@@ -317,11 +327,6 @@ def test_base_checkpoints_survive_mutation(originals, tmp_path):
         else:
             shard = rng.choice(sorted(d.glob("*.safetensors")))
             shard.write_bytes(mutate_safetensors(rng, shard.read_bytes(), None))
-        ck = classify(run_bounded(lambda: Checkpoint(d)), f"base mutant {i}", problems)
-        if ck is not None:
-            loaded += 1
-            outcome = run_bounded(lambda: check_base(ck, d))
-            if outcome[0] != "ok":
-                problems.append(f"base mutant {i}: accepted, but differs from safetensors' reading ({outcome[1]!r})")
-    assert not problems, "\n".join(problems)
-    assert loaded >= 3
+        return d
+
+    fuzz(90, 4, make, Checkpoint, check_base)
