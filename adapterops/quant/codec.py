@@ -7,8 +7,10 @@ Registered with ``adapterops.storage.register_codec`` when this module is import
 
 - decode: the dequantized weight (bitsandbytes' ``dequantize_4bit`` output, in the dtype the
   quantization state records) as float32. This is the weight a QLoRA adapter was trained against.
-- encode: re-quantize with fresh scales, the same blocksize and double quantization as the input;
-  the report gets ``codes_changed``, the share of 4-bit codes that differ from the input's.
+- encode: re-quantize with fresh scales, the same blocksize and double quantization as the input
+  (nearest rounding, bitsandbytes' own); given Hessians (``hessians=``), choose the codes by
+  error feedback instead (``adapterops.quant.gptq``), on the input's own stored scales. The
+  report gets ``codes_changed``, the share of 4-bit codes that differ from the input's.
 
 ``decode_many`` / ``encode_many`` do the same for a batch of equal-shape weights in one pass each.
 """
@@ -28,6 +30,7 @@ from ..errors import FormatError
 from ..storage import register_codec
 from .nf4 import STATE_SUFFIXES, NF4Tensor, dequantize_nf4, from_state_dict, quantize_nf4_many, to_state_dict
 from .nf4 import _dequantize_flat
+from .gptq import quantize_gptq_many
 
 __all__ = ["NF4Codec", "NF4", "codes_changed"]
 
@@ -90,18 +93,26 @@ class NF4Codec:
         return flat.view(len(qs), *qs[0].shape)
 
     def encode(
-        self, W: torch.Tensor, weight: str, like: Mapping[str, torch.Tensor], dtype: torch.dtype | None
+        self, W: torch.Tensor, weight: str, like: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
+        *, hessian: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        outputs, extras = self.encode_many(W.unsqueeze(0), [weight], [like], dtype)
+        hessians = None if hessian is None else hessian.unsqueeze(0)
+        outputs, extras = self.encode_many(W.unsqueeze(0), [weight], [like], dtype, hessians=hessians)
         return outputs[0], extras[0]
 
     def encode_many(
-        self, W: torch.Tensor, weights: Sequence[str], likes: Sequence[Mapping[str, torch.Tensor]], dtype: torch.dtype | None
+        self, W: torch.Tensor, weights: Sequence[str], likes: Sequence[Mapping[str, torch.Tensor]], dtype: torch.dtype | None,
+        *, hessians: torch.Tensor | None = None,
     ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, Any]]]:
-        """Re-quantize ``W`` ``(G, *shape)`` float32 like each input weight, in one pass when they agree."""
+        """Re-quantize ``W`` ``(G, *shape)`` float32 like each input weight, in one pass when they agree.
+
+        ``hessians`` ``(G, in, in)``: GPTQ rounding for these inputs, keeping each input's scales.
+        """
         olds = [from_state_dict(like, w) for like, w in zip(likes, weights)]
         settings = {(q.blocksize, q.double_quant) for q in olds}
-        if len(settings) == 1:
+        if hessians is not None:
+            news = quantize_gptq_many(W, hessians, like=olds)
+        elif len(settings) == 1:
             blocksize, nested = settings.pop()
             news = quantize_nf4_many(W, blocksize=blocksize, double_quant=nested)
         else:
