@@ -33,6 +33,7 @@ from .errors import AdapterOpsError
 __all__ = ["Expr", "ExpressionError", "parse", "names", "evaluate"]
 
 MAX_DEPTH = 64  # nesting deeper than this is refused (before Python's recursion limit is near)
+MAX_OPERATORS = 100  # binary operators per expression: bounds the depth of a left-leaning chain too
 
 _TOKEN = re.compile(
     r"""(?P<space>\s+)
@@ -156,6 +157,7 @@ class _Parser:
         self.toks = _tokens(text)
         self.i = 0
         self.depth = 0
+        self.operators = 0
 
     def peek(self) -> _Token:
         return self.toks[self.i]
@@ -189,7 +191,7 @@ class _Parser:
             raise self.fail(f"expression nested more than {MAX_DEPTH} deep")
         node = self.term()
         while self.peek().kind == "op" and self.peek().text in "+-":
-            op = self.take()
+            op = self.operator()
             node = Binary(op.text, node, self.term(), op.col)
         self.depth -= 1
         return node
@@ -197,9 +199,15 @@ class _Parser:
     def term(self) -> Expr:
         node = self.unary()
         while self.peek().kind == "op" and self.peek().text in "*/":
-            op = self.take()
+            op = self.operator()
             node = Binary(op.text, node, self.unary(), op.col)
         return node
+
+    def operator(self) -> _Token:
+        self.operators += 1
+        if self.operators > MAX_OPERATORS:
+            raise self.fail(f"more than {MAX_OPERATORS} operators in one expression")
+        return self.take()
 
     def unary(self) -> Expr:
         tok = self.peek()
@@ -354,7 +362,10 @@ class _Evaluator:
             return self.bindings[node.name]
         if isinstance(node, Unary):
             value = self.eval(node.operand)
-            return -value if node.op == "-" else value
+            try:
+                return -value if node.op == "-" else value
+            except AdapterOpsError as exc:  # e.g. a DoRA adapter
+                raise self.fail(str(exc), node.col) from None
         if isinstance(node, Binary):
             return self.binary(node)
         if isinstance(node, Call):

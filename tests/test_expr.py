@@ -53,6 +53,7 @@ def column_of(text: str, **bindings) -> int:
     ("__import__('os')", 12, "a string can only be the value of a keyword option"),
     ("a + [1, 2]", 5, "expected a name, a number or '(', found '['"),
     ("a * 1e400", 5, "the number 1e400 is too large"),
+    ("a" + " + a" * 150, 403, "more than 100 operators in one expression"),
     ("(" * 100 + "a" + ")" * 100, 65, "nested more than 64 deep"),
 ])
 def test_syntax_errors_give_the_column(text, column, message):
