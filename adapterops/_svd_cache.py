@@ -227,11 +227,12 @@ class BaseWeights:
         self.nf4 = self.checkpoint is not None and self.checkpoint.is_nf4()
         self.source = self.checkpoint.source if self.checkpoint is not None else "<state dict>"
 
-    def match(self, shapes: Mapping[str, tuple[int, int]]) -> dict[str, Target]:
-        """Adapter layer -> base tensor, every problem reported at once (BaseMismatchError)."""
+    def match(self, shapes: Mapping[str, tuple[int, int]], *, fan_in_fan_out: bool = False) -> dict[str, Target]:
+        """Adapter layer -> base tensor, every problem reported at once (BaseMismatchError); with
+        ``fan_in_fan_out`` (the adapter's flag, as for ``merge``) weights stored (in, out) fit too."""
         if self.checkpoint is None:
-            return match_layers(shapes, {n: tuple(t.shape) for n, t in self.tensors.items()})
-        return match_layers(shapes, self.checkpoint, weight_shape=self._nf4_shape if self.nf4 else None)
+            return match_layers(shapes, {n: tuple(t.shape) for n, t in self.tensors.items()}, fan_in_fan_out=fan_in_fan_out)
+        return match_layers(shapes, self.checkpoint, fan_in_fan_out=fan_in_fan_out, weight_shape=self._nf4_shape if self.nf4 else None)
 
     def shape(self, target: Target) -> tuple[int, int]:
         """The weight's (out, in), as ``load`` returns it (NF4: the shape it stands for; Conv1D: transposed)."""

@@ -229,7 +229,7 @@ def diagnose(
     if base is not None:
         weights = BaseWeights(base)
         store = _cache(cache)
-        targets = weights.match({n: layer.shape for n, layer in adapter.items()})
+        targets = weights.match({n: layer.shape for n, layer in adapter.items()}, fan_in_fan_out=bool(adapter.metadata.get("fan_in_fan_out")))
         base_sq = 0.0
         for chunk, _, _, top in _merged(adapter, weights, targets, top_k, dev, store, progress, "diagnosing"):
             for i, name in enumerate(chunk.names):
@@ -297,7 +297,7 @@ def reduce_intruders(
     dev = resolve_device(device)
     _check_adapter(adapter)
     weights = BaseWeights(base)
-    targets = weights.match({n: layer.shape for n, layer in adapter.items()})
+    targets = weights.match({n: layer.shape for n, layer in adapter.items()}, fan_in_fan_out=bool(adapter.metadata.get("fan_in_fan_out")))
     layers: dict[str, LoraLayer] = dict(adapter.items())
     for chunk, B, A, top in _merged(adapter, weights, targets, top_k, dev, _cache(cache), progress, "reducing intruders", need_weight=True):
         for i, name in enumerate(chunk.names):

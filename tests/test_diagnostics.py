@@ -220,7 +220,7 @@ def test_epsilon_and_top_k_move_the_count():
 
 def test_conv1d_base_stored_transposed_gives_the_same():
     W, layer, count = planted(96, 64)
-    adapter = Adapter({"h.0.mlp.c_fc": layer})
+    adapter = Adapter({"h.0.mlp.c_fc": layer}, {"fan_in_fan_out": True})  # a state dict cannot say it is Conv1D
     plain = diagnose(adapter, {"h.0.mlp.c_fc.weight": W.float()}, cache=False).layers[0]
     flipped = diagnose(adapter, {"h.0.mlp.c_fc.weight": W.float().T.contiguous()}, cache=False).layers[0]
     assert flipped.intruders == plain.intruders == count
