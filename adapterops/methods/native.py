@@ -4,7 +4,9 @@ Every method here works on the low-rank factors of each layer and never forms an
 the shared bases come from QR of the stacked factors and SVDs of small cores, so a layer costs
 O((out + in) R^2 + R^3) for a total input rank ``R = r_1 + ... + r_n``, and the elementwise merge
 (TIES, DARE from ``sparsify``) runs on R x in or R x R coordinates. Layers of equal shape (and
-equal input ranks) go through the linear algebra as one batch on the device.
+equal input ranks) go through the linear algebra as one batch on the device, and those of them that
+keep equally many directions through the elementwise merge as one batch (one item per task and
+layer). Basis signs are fixed (``_canonical_signs``) so that results do not depend on the SVD route.
 
 With task deltas ``dW_i = s_i B_i A_i`` (``s_i`` the LoRA scale) and weights ``w_i``:
 
@@ -12,7 +14,9 @@ With task deltas ``dW_i = s_i B_i A_i`` (``s_i`` the LoRA scale) and weights ``w
   concatenation ``[dW_1 ... dW_n] = U S [V_1^T ... V_n^T]`` gives every task in one basis,
   ``dW_i = U (S V_i^T)``; the task coordinates ``S V_i^T`` (k, in) are merged, and the result is
   ``U merge(S V_i^T)``. As in the authors' code, the singular values sit on the V side
-  (``s_on_V``) and the concatenation runs along the input axis (``concat_across_output``).
+  (``s_on_V``) and the concatenation runs along the input axis (``concat_across_output``). TIES'
+  trim is per layer and task, as mergekit and PEFT trim each tensor; the authors' code trims each
+  task over all its layers at once (the same at their LLM setting, ``density=1``).
 - Core space (Panariello et al. 2025, "Accurate and efficient low-rank model merging in core
   space", sec. 3): reference bases ``U_B`` (left singular vectors of ``[B_1 ... B_n]``) and ``V_A``
   (right singular vectors of ``[A_1; ...; A_n]``) hold every task exactly:
