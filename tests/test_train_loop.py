@@ -134,6 +134,20 @@ def test_throughput_is_steady_state_with_the_first_step_timed_apart():
     assert one.tokens_per_second  # nothing after warm-up: its own rate == pytest.approx(one.tokens / one.seconds)
 
 
+def test_progress_line_shows_the_steady_rate_and_the_warm_up_apart():
+    import io
+
+    from adapterops.train.progress import TrainProgress
+
+    stream = io.StringIO()
+    bar = TrainProgress(2, enabled=True, stream=stream)
+    bar.update({"step": 1, "loss": 2.5, "lr": 1e-4, "tokens_per_second": 900.0, "warmup_seconds": 12.3})
+    bar.update({"step": 2, "loss": 2.0, "lr": 1e-4, "tokens_per_second": 75_000.0, "warmup_seconds": 12.3})
+    bar.close()
+    last = stream.getvalue().strip().splitlines()[-1]
+    assert "step 2/2  loss 2.0000" in last and "75,000 tok/s  warm-up 12.3s" in last
+
+
 def test_evaluate_is_the_token_weighted_mean():
     model = tiny_llama().eval()
     add_lora(model, rank=2)
