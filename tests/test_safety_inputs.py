@@ -497,6 +497,9 @@ def test_non_utf8_file_names_load(tmp_path):
     os.rename(tmp_path / "plain.st", name)
     loaded = ao.load(name)
     assert torch.equal(loaded[Q].A, a) and torch.equal(loaded[Q].B, b)
+    result = cli("info", name)  # printed with the odd byte escaped, not a UnicodeEncodeError
+    assert result.exit_code == 0 and "caf\\xe9-\\xff.st" in result.stdout, result.output
+    assert_one_error_line(cli("info", name + ".missing"), "caf\\xe9-\\xff.st.missing", "no such file")
     base = tiny_base(Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/base-\xff")))
     assert torch.equal(Checkpoint(base).read(f"{Q}.weight"), Checkpoint(base).read(f"{Q}.weight"))
     assert len(Checkpoint(base).names()) == 4

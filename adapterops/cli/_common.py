@@ -42,7 +42,7 @@ class Group(click.Group):
         except Exception as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
-            raise click.ClickException(" ".join(describe_error(exc).split())) from None  # always one line
+            raise click.ClickException(printable(" ".join(describe_error(exc).split()))) from None  # always one line
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
@@ -114,7 +114,7 @@ def emit(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
         if os.environ.get(DEBUG_ENV):
             raise
         text = json.dumps(data, indent=2, default=_json_default)
-    click.echo(text)
+    click.echo(printable(text))
 
 
 def _json_default(value: Any) -> Any:
@@ -129,7 +129,12 @@ def _json_default(value: Any) -> Any:
 
 def status(message: str) -> None:
     """Progress and notes for people go to stderr, keeping stdout clean for --json."""
-    click.echo(message, err=True)
+    click.echo(printable(message), err=True)
+
+
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of non-UTF-8 file names shown as ``\\xe9`` (printing them fails)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def refuse_existing(path: str | Path, force: bool, inputs: Inputs | list[Any] | tuple[Any, ...] = ()) -> Inputs:
