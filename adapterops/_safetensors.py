@@ -224,7 +224,8 @@ def read_tensor(entry: TensorEntry, name: str, *, fd: int | None = None, out: to
 def read_exact(fd: int, buf: torch.Tensor, offset: int, *, file: str | os.PathLike | None = None) -> None:
     """Fill the uint8 CPU tensor ``buf`` with the bytes of file ``fd`` starting at ``offset``.
 
-    A file that ends early (truncated since its header was read) raises FormatError naming ``file``.
+    A file that ends early (truncated since its header was read) raises FormatError naming ``file``
+    (or, when not given, the path the descriptor was opened with).
     """
     if not buf.numel():
         return
@@ -238,6 +239,19 @@ def read_exact(fd: int, buf: torch.Tensor, offset: int, *, file: str | os.PathLi
             view[done : done + len(data)] = data
             n = len(data)
         if not n:
-            where = f"{file}: " if file is not None else ""
-            raise FormatError(f"{where}file truncated: {len(view)} bytes expected at offset {offset}, it ends after {done}")
+            raise FormatError(f"{file or _name_of(fd)}: truncated: {len(view)} bytes expected at offset {offset}, the file ends after {done}")
         done += n
+
+
+def _name_of(fd: int) -> str:
+    """The path behind an open descriptor, for messages (Linux and macOS; else the number)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        pass
+    try:
+        import fcntl
+
+        return os.fsdecode(fcntl.fcntl(fd, getattr(fcntl, "F_GETPATH"), bytes(1024)).rstrip(b"\0"))
+    except (ImportError, AttributeError, OSError):
+        return f"file descriptor {fd}"

@@ -486,6 +486,18 @@ def test_read_exact_names_a_file_truncated_after_its_header_was_read(tmp_path):
         ck.read("model.norm.weight" if ck.entry("model.norm.weight").offset > ck.entry(f"{V}.weight").offset else f"{V}.weight")
 
 
+def test_read_exact_without_a_name_still_names_the_file(tmp_path):
+    from adapterops._safetensors import read_exact
+
+    (tmp_path / "short.bin").write_bytes(b"abc")
+    fd = os.open(tmp_path / "short.bin", os.O_RDONLY)
+    try:
+        with pytest.raises(FormatError, match=re.escape(str(tmp_path / "short.bin")) + ": truncated"):
+            read_exact(fd, torch.empty(8, dtype=torch.uint8), 0)
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------- names and pickles
 
 
