@@ -292,14 +292,15 @@ class Adapter(Mapping[str, LoraLayer]):
             layers[name] = LoraLayer(A, B, float(k))
         return Adapter(layers, _combined_metadata([self], note=f"compress({rule}={value})"))
 
-    def save(self, path: str, format: str | None = None, *, force: bool = False) -> None:
+    def save(self, path: str, format: str | None = None, *, force: bool = False, inputs: Any = (), allow_nonfinite: bool = False) -> None:
         """Write to ``path`` as ``native`` (one safetensors file), ``peft`` (directory) or ``kohya``.
 
         The format defaults to ``peft`` for a path without a suffix and ``native`` otherwise.
+        ``inputs`` (never overwritten) and ``allow_nonfinite``: see ``formats.save``.
         """
         from .formats import save
 
-        save(self, path, format=format, force=force)
+        save(self, path, format=format, force=force, inputs=inputs, allow_nonfinite=allow_nonfinite)
 
     def merge_into(self, module: Any, weight: float = 1.0) -> list[str]:
         """Add ``weight * delta`` to the matching weights of a live ``nn.Module`` in place (see ``merging.merge_into``)."""

@@ -39,7 +39,8 @@ import torch
 from .adapter import Adapter, LoraLayer
 from .checkpoint import Checkpoint, match_layers
 from .errors import AdapterOpsError, BaseMismatchError, ShapeMismatchError, UnsupportedOperationError
-from .rewrite import Job, Task, check_output, resolve_device, rewrite
+from .rewrite import Job, Task, check_output, checkpoint_inputs, resolve_device, rewrite
+from .safety import Inputs
 from .storage import CODECS, DENSE, Codec, logical_weights, parse_dtype
 
 __all__ = ["merge", "unmerge", "merge_into", "applied", "plan_merge", "MergeReport"]
@@ -116,15 +117,19 @@ def merge(
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
     force: bool = False,
+    allow_nonfinite: bool = False,
 ) -> MergeReport:
     """Write ``base`` with ``sum_i weights[i] * adapters[i]`` merged in, to ``out``, streaming.
 
     ``base``: a checkpoint directory, a safetensors file or a Hub repo id. ``adapters``: one or a
     list of Adapters or paths. ``weights`` default to 1. ``device``: where to compute (default CUDA
     when present). ``dtype``: output dtype (default: each tensor's own). Everything is checked
-    before anything is written; the output appears only when complete.
+    before anything is written; the output appears only when complete, never over an input (not
+    even with ``force``), and not at all when the base or an adapter file changed meanwhile or a
+    written tensor holds NaN/Inf (an fp16 overflow, a NaN in the base; with ``allow_nonfinite`` it
+    is written anyway, and adapters holding NaN/Inf load).
     """
-    return _merge("merge", base, adapters, out, weights, device, dtype, progress, force)
+    return _merge("merge", base, adapters, out, weights, device, dtype, progress, force, allow_nonfinite=allow_nonfinite)
 
 
 def unmerge(
@@ -136,15 +141,16 @@ def unmerge(
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
     force: bool = False,
+    allow_nonfinite: bool = False,
 ) -> MergeReport:
     """Subtract adapters that were merged into ``base`` (``weights``: those they were merged with).
 
-    The same engine with the weights negated. Refused for DoRA adapters.
+    The same engine with the weights negated, and the same guarantees. Refused for DoRA adapters.
     """
-    return _merge("unmerge", base, adapters, out, weights, device, dtype, progress, force)
+    return _merge("unmerge", base, adapters, out, weights, device, dtype, progress, force, allow_nonfinite=allow_nonfinite)
 
 
-def _merge(op, base, adapters, out, weights, device, dtype, progress, force) -> MergeReport:
+def _merge(op, base, adapters, out, weights, device, dtype, progress, force, *, allow_nonfinite=False) -> MergeReport:
     start = time.perf_counter()
     out_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
@@ -157,8 +163,10 @@ def _merge(op, base, adapters, out, weights, device, dtype, progress, force) -> 
     if not all(math.isfinite(w) for w in ws):
         raise AdapterOpsError(f"weights must be finite numbers, got {ws}")
     checkpoint = Checkpoint(base)
-    check_output(out, checkpoint, force)
-    values, labels = _load_adapters(items)
+    read = [*checkpoint_inputs(checkpoint), *(i for i in items if isinstance(i, (str, os.PathLike)))]
+    watched = Inputs(read)  # before anything is read: each must be unchanged when the output appears
+    check_output(out, checkpoint, force, watched)
+    values, labels = _load_adapters(items, allow_nonfinite)
     if op == "unmerge":
         dora = [label for a, label in zip(values, labels) if a.is_dora]
         if dora:
@@ -168,7 +176,8 @@ def _merge(op, base, adapters, out, weights, device, dtype, progress, force) -> 
             )
         ws = [-w for w in ws]
     jobs, codecs = plan_merge(checkpoint, values, ws, labels=labels, dtype=out_dtype)
-    result = rewrite(checkpoint, out, jobs, device=dev, progress=progress, force=force, config=_config_editor(out_dtype, codecs), label=op)
+    result = rewrite(checkpoint, out, jobs, device=dev, progress=progress, force=force, config=_config_editor(out_dtype, codecs), label=op,
+                     inputs=watched, allow_nonfinite=allow_nonfinite)
     return MergeReport(
         op=op, base=checkpoint.source, out=str(out), adapters=labels, weights=ws, device=str(dev),
         dtype=str(out_dtype).removeprefix("torch.") if out_dtype else "as base", rows=result.rows,
@@ -177,7 +186,7 @@ def _merge(op, base, adapters, out, weights, device, dtype, progress, force) -> 
     )
 
 
-def _load_adapters(items: Sequence[Adapter | str | Path]) -> tuple[list[Adapter], list[str]]:
+def _load_adapters(items: Sequence[Adapter | str | Path], allow_nonfinite: bool = False) -> tuple[list[Adapter], list[str]]:
     from .formats import load
 
     values, labels = [], []
@@ -186,7 +195,7 @@ def _load_adapters(items: Sequence[Adapter | str | Path]) -> tuple[list[Adapter]
             values.append(item)
             labels.append(str(item.metadata.get("source", f"adapter {i}")))
         elif isinstance(item, (str, os.PathLike)):
-            values.append(load(item))
+            values.append(load(item, allow_nonfinite=allow_nonfinite))
             labels.append(str(item))
         else:
             raise AdapterOpsError(f"adapter {i} is a {type(item).__name__}; pass an Adapter or a path")

@@ -38,7 +38,7 @@ def files(tmp_path):
     adapter(2).save(tmp_path / "b.st")
     (-1 * adapter(1, scale=3.0)).save(tmp_path / "neg_a.st")
     nan = adapter(4)
-    Adapter({**nan, Q: LoraLayer(nan[Q].A, nan[Q].B * float("nan"), 4.0)}).save(tmp_path / "nan.st")
+    Adapter({**nan, Q: LoraLayer(nan[Q].A, nan[Q].B * float("nan"), 4.0)}).save(tmp_path / "nan.st", allow_nonfinite=True)
     adapter(3, v_out=8).save(tmp_path / "other_model.st")
     return tmp_path
 

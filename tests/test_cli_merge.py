@@ -64,7 +64,7 @@ def test_merge_human_output_and_weights(files, tmp_path):
     "args, message",
     [
         (["--adapter", "{tmp}/missing.st"], "Error: {tmp}/missing.st: no such file or directory"),
-        (["--adapter", "{files}/a.st", "--out", "{files}/base"], "Error: {files}/base already exists; pass --force to overwrite it"),
+        (["--adapter", "{files}/a.st", "--out", "{files}/base"], "Error: {files}/base is also an input: writing there would overwrite it, and inputs are never overwritten, not even with --force; choose another output path"),
         (["--adapter", "{files}/a.st", "--out", "{files}/base", "--force"], "Error: {files}/base is also an input: writing there would overwrite it, and inputs are never overwritten, not even with --force; choose another output path"),
         (["--adapter", "{files}/a.st", "--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "Error: device cuda"),
     ],

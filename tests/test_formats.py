@@ -294,7 +294,10 @@ def test_nonfinite_factors_refused_unless_allowed(tmp_path, fmt, name, bad):
     B = a[V].B.clone()
     B[1, 1] = bad
     broken = Adapter({**a, V: LoraLayer(a[V].A, B, a[V].alpha)})
-    broken.save(tmp_path / name, format=fmt)
+    with pytest.raises(NonFiniteError, match="lora_B .1 of"):
+        broken.save(tmp_path / name, format=fmt)
+    assert not (tmp_path / name).exists()
+    broken.save(tmp_path / name, format=fmt, allow_nonfinite=True)
     with pytest.raises(NonFiniteError) as info:
         ao.load(tmp_path / name)
     assert V in str(info.value) and "allow_nonfinite" in str(info.value)

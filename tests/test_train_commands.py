@@ -101,7 +101,8 @@ def test_errors_are_one_line(base_dir, data, tmp_path):
     assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "y.st").exists()
 
-    r = train("--base", tmp_path, "--data", data, "-o", tmp_path / "y.st")
+    (tmp_path / "nomodel").mkdir()
+    r = train("--base", tmp_path / "nomodel", "--data", data, "-o", tmp_path / "y.st")
     assert r.exit_code == 1 and "not a Hugging Face model directory (no config.json)" in r.output
 
     r = train("--base", base_dir, "--data", data, "-o", tmp_path / "y.st", "--targets", "nope_proj", "--steps", 1)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..adapter import blend as blend_adapters
 from ..errors import AdapterOpsError
 from ..formats import FORMATS, default_format, load
+from ..safety import Inputs
 from ..summary import summarize
 from . import main
 from ._common import (
@@ -41,12 +40,12 @@ def _result(adapter, output, fmt) -> dict:
     }
 
 
-def _refuse_in_place(output: str, inputs: tuple[str, ...] | list[str]) -> None:
-    """Inputs are never modified, not even with --force."""
-    target = Path(output).resolve()
-    for source in inputs:
-        if Path(source).resolve() == target:
-            raise AdapterOpsError(f"{output} is also an input; write the result to another path")
+def _refuse_in_place(output: str, inputs: tuple[str, ...] | list[str]) -> Inputs:
+    """Inputs are never modified, not even with --force: ``safety.check_output`` without the existence test.
+
+    Returns the snapshot of ``inputs`` to hand to ``save(..., inputs=...)``.
+    """
+    return refuse_existing(output, True, list(inputs))
 
 
 def _render_result(data: dict) -> str:
@@ -84,11 +83,10 @@ def blend(adapters, weights, method, density, majority_sign, seed, epsilon, gamm
     if len(w) != len(adapters):
         raise AdapterOpsError(f"--weights has {len(w)} values for {len(adapters)} adapters; give one weight per adapter")
     options = {k: v for k, v in {"majority_sign": majority_sign, "epsilon": epsilon, "gamma": gamma}.items() if v is not None}
-    _refuse_in_place(output, adapters)
-    refuse_existing(output, force)
+    inputs = refuse_existing(output, force, list(adapters))
     values = [load(p, allow_nonfinite=allow_nonfinite) for p in adapters]
     result = blend_adapters(values, w, method, density, **rule, seed=seed, device=default_device(device), **options).to(device="cpu")
-    result.save(output, format=fmt, force=force)
+    result.save(output, format=fmt, force=force, inputs=inputs, allow_nonfinite=allow_nonfinite)
     emit(_blend_result(result, output, fmt, method), as_json, _render_blend)
 
 
@@ -117,11 +115,10 @@ def _render_blend(d: dict) -> str:
 def compress(adapter, rank, energy, budget, output, fmt, device, force, allow_nonfinite, as_json):
     """Optimal low-rank re-compression of ADAPTER (Eckart-Young, computed from the factors)."""
     rule = rank_rule(rank, energy, budget, required=True)
-    _refuse_in_place(output, [adapter])
-    refuse_existing(output, force)
+    inputs = refuse_existing(output, force, [adapter])
     source = load(adapter, allow_nonfinite=allow_nonfinite)
     result = source.compress(**rule, device=default_device(device)).to(device="cpu")
-    result.save(output, format=fmt, force=force)
+    result.save(output, format=fmt, force=force, inputs=inputs, allow_nonfinite=allow_nonfinite)
     before = source.norm()
     error = (source - result).norm()
     data = {
@@ -171,8 +168,7 @@ def _render_info(d: dict) -> str:
 @json_option
 def convert(adapter, fmt, output, force, allow_nonfinite, as_json):
     """Rewrite ADAPTER in another format; the deltas stay exactly the same."""
-    _refuse_in_place(output, [adapter])
-    refuse_existing(output, force)
+    inputs = refuse_existing(output, force, [adapter])
     source = load(adapter, allow_nonfinite=allow_nonfinite)
-    source.save(output, format=fmt, force=force)
+    source.save(output, format=fmt, force=force, inputs=inputs, allow_nonfinite=allow_nonfinite)
     emit(_result(source, output, fmt), as_json, _render_result)

@@ -10,7 +10,7 @@ from .. import expr
 from ..adapter import Adapter
 from ..errors import AdapterOpsError
 from ..formats import load
-from ..safety import check_output
+from ..safety import Inputs, check_output
 from . import main
 from ._common import (
     allow_nonfinite_option,
@@ -75,7 +75,8 @@ def eval_command(expression, bindings, rank, energy, budget, output, fmt, device
         for name in paths:
             if name not in used:
                 status(f"note: {name} is bound but not used")
-        check_output(output, inputs=[paths[n] for n in used], force=force)
+        inputs = Inputs([paths[n] for n in used])  # before reading: each must be unchanged when the output appears
+        check_output(output, inputs=inputs, force=force)
         values = {n: load(paths[n], allow_nonfinite=allow_nonfinite) for n in used}
         dev = default_device(device)
         result = expr.evaluate(expression, values, device=dev)
@@ -86,5 +87,5 @@ def eval_command(expression, bindings, rank, energy, budget, output, fmt, device
     if rule:
         result = result.compress(**rule, device=dev)
     result = result.to(device="cpu")
-    result.save(output, format=fmt, force=force)
+    result.save(output, format=fmt, force=force, inputs=inputs, allow_nonfinite=allow_nonfinite)
     emit({**_result(result, output, fmt), "expression": expression, "ranks": result.ranks}, as_json, _render_result)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
+from ..checkpoint import resolve_base
 from ..extraction import extract as extract_adapter
 from ..merging import merge as merge_checkpoint
 from ..merging import unmerge as unmerge_checkpoint
 from . import main
 from .quant_commands import retention_warning
 from ._common import (
+    allow_nonfinite_option,
     device_option,
     emit,
     force_option,
@@ -41,6 +45,11 @@ def _weights(weights: str | None, adapters: tuple[str, ...], default: float) -> 
     return w
 
 
+def _num(value: object, spec: str) -> str:
+    """``value`` formatted by ``spec``, or ``-`` when it is missing (a statistic that was not finite)."""
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
 def _render_report(d: dict) -> str:
     t = d["totals"]
     secs = t["seconds"]
@@ -50,25 +59,25 @@ def _render_report(d: dict) -> str:
         f"device {d['device']}, dtype {d['dtype']}, {t['bytes_written'] / 1e9:.2f} GB written in {secs:.1f} s ({rate:.0f} MB/s)",
     ]
     if t["rel_change"] is not None:
-        lines.append(f"relative change ||dW||/||W||: {t['rel_change']:.3g} overall, {t['rel_change_max']:.3g} max; "
-                     f"delta retained after the cast: {t['retained_min']:.4g} min")
+        lines.append(f"relative change ||dW||/||W||: {_num(t['rel_change'], '.3g')} overall, {_num(t['rel_change_max'], '.3g')} max; "
+                     f"delta retained after the cast: {_num(t['retained_min'], '.4g')} min")
     rows = sorted(d["rows"], key=lambda r: -(r.get("rel_change") or 0.0))[:TABLE_ROWS]
     if rows:
         width = max(len(r["name"]) for r in rows)
         lines += ["", f"{'tensor (largest changes first)':<{width}}  {'shape':>12}  {'rank':>4}  {'rel change':>10}  {'retained':>8}"]
         for r in rows:
             shape = "x".join(map(str, r["shape"]))
-            rel = "-" if r.get("rel_change") is None else f"{r['rel_change']:.3g}"
-            kept = "-" if r.get("retained") is None else f"{r['retained']:.4g}"
+            rel, kept = _num(r.get("rel_change"), ".3g"), _num(r.get("retained"), ".4g")
             lines.append(f"{r['name']:<{width}}  {shape:>12}  {r['rank']:>4}  {rel:>10}  {kept:>8}")
         if len(d["rows"]) > TABLE_ROWS:
             lines.append(f"... {len(d['rows']) - TABLE_ROWS} more (--json for all)")
     return "\n".join(lines)
 
 
-def _run(fn, base, adapters, weights, output, device, dtype, force, quiet, as_json):
-    refuse_existing(output, force)
-    report = fn(base, list(adapters), output, weights=weights, device=device, dtype=dtype, progress=not quiet and is_tty(), force=force)
+def _run(fn, base, adapters, weights, output, device, dtype, force, quiet, as_json, allow_nonfinite=False):
+    refuse_existing(output, force, [base, *adapters])  # the library checks again, with every file of the base
+    report = fn(base, list(adapters), output, weights=weights, device=device, dtype=dtype, progress=not quiet and is_tty(), force=force,
+                allow_nonfinite=allow_nonfinite)
     data = report.to_dict()
     note = retention_warning(data)  # NF4 bases: most of a small delta can round away
     if note and not quiet:
@@ -86,6 +95,7 @@ def _merge_options(*, weights_help: str):
         device_option,
         dtype_option,
         force_option,
+        allow_nonfinite_option,
         quiet_option,
         json_option,
     )
@@ -100,20 +110,20 @@ def _merge_options(*, weights_help: str):
 
 @main.command()
 @_merge_options(weights_help="Comma-separated weights, one per adapter (default: 1 each).")
-def merge(base, adapters, weights, output, device, dtype, force, quiet, as_json):
+def merge(base, adapters, weights, output, device, dtype, force, allow_nonfinite, quiet, as_json):
     """Merge adapters into a base checkpoint: W + sum_i w_i * scale_i * B_i A_i, streaming.
 
     The output keeps the base's shards, index, metadata and side files; tensors without an
     adapter are copied byte for byte.
     """
-    _run(merge_checkpoint, base, adapters, _weights(weights, adapters, 1.0), output, device, dtype, force, quiet, as_json)
+    _run(merge_checkpoint, base, adapters, _weights(weights, adapters, 1.0), output, device, dtype, force, quiet, as_json, allow_nonfinite)
 
 
 @main.command()
 @_merge_options(weights_help="The weights the adapters were merged with (default: 1 each).")
-def unmerge(base, adapters, weights, output, device, dtype, force, quiet, as_json):
+def unmerge(base, adapters, weights, output, device, dtype, force, allow_nonfinite, quiet, as_json):
     """Subtract adapters from a merged checkpoint (merge with the weights negated; not for DoRA)."""
-    _run(unmerge_checkpoint, base, adapters, _weights(weights, adapters, 1.0), output, device, dtype, force, quiet, as_json)
+    _run(unmerge_checkpoint, base, adapters, _weights(weights, adapters, 1.0), output, device, dtype, force, quiet, as_json, allow_nonfinite)
 
 
 @main.command()
@@ -131,9 +141,9 @@ def extract(base, tuned, rank, energy, output, fmt, device, force, quiet, as_jso
     """LoRA adapter approximating TUNED - BASE: truncated SVD per changed linear weight."""
     if (rank is None) == (energy is None):
         raise click.UsageError("give exactly one of --rank or --energy")
-    refuse_existing(output, force)
+    inputs = refuse_existing(output, force, [_local(base), _local(tuned)])  # snapshot before reading
     adapter = extract_adapter(base, tuned, rank=rank, energy=energy, device=device, progress=not quiet and is_tty())
-    adapter.save(output, format=fmt, force=force)
+    adapter.save(output, format=fmt, force=force, inputs=inputs.add([resolve_base(base), resolve_base(tuned)]))
     info = dict(adapter.metadata["extraction"])
     data = {"output": output, "num_layers": len(adapter), "rank": adapter.rank, "num_params": adapter.num_params, **info}
     if not quiet and not as_json and info.get("skipped"):
@@ -151,3 +161,8 @@ def _render_extract(d: dict) -> str:
     if energies:
         lines.append(f"energy captured per layer: min {min(energies):.4g}, mean {sum(energies) / len(energies):.4g}")
     return "\n".join(lines)
+
+
+def _local(base: str) -> Path | None:
+    """``base`` as a local path when it is one (a Hub repo id is resolved by the reader)."""
+    return Path(base) if Path(base).exists() else None

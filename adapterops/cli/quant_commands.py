@@ -8,7 +8,7 @@ import click
 
 from ..quant import quantize_checkpoint
 from . import main
-from ._common import device_option, emit, force_option, is_tty, json_option, output_option, quiet_option, refuse_existing
+from ._common import allow_nonfinite_option, device_option, emit, force_option, is_tty, json_option, output_option, quiet_option, refuse_existing
 
 # Below this share of the delta surviving re-quantization, merge suggests a dense output.
 RETENTION_WARNING = 0.5
@@ -23,18 +23,19 @@ TABLE_ROWS = 10
 @click.option("--skip", multiple=True, metavar="PATTERN", help="Regex on module paths to leave unquantized (repeatable; lm_head, embeddings and norms always are).")
 @device_option
 @force_option
+@allow_nonfinite_option
 @quiet_option
 @json_option
-def quantize(base, output, blocksize, no_double_quant, skip, device, force, quiet, as_json):
+def quantize(base, output, blocksize, no_double_quant, skip, device, force, allow_nonfinite, quiet, as_json):
     """Quantize a checkpoint's linear weights to NF4 in the bitsandbytes layout, streaming.
 
     The output loads with transformers + bitsandbytes (quantization_config in config.json);
     lm_head, embeddings, norms and every tensor that is not a 2-D weight are copied unchanged.
     """
-    refuse_existing(output, force)
+    refuse_existing(output, force, [base])  # the library checks again, with every file of the base
     report = quantize_checkpoint(
         base, output, blocksize=int(blocksize), double_quant=not no_double_quant, skip=list(skip),
-        device=device, progress=not quiet and is_tty(), force=force,
+        device=device, progress=not quiet and is_tty(), force=force, allow_nonfinite=allow_nonfinite,
     )
     emit(report.to_dict(), as_json, _render)
 

@@ -5,6 +5,7 @@ transformers is imported only here, when the command runs (the optional ``train`
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,8 @@ def _render(d: dict) -> str:
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(rank) (rsLoRA).")
 @click.option("--init", "init", type=click.Choice(["default", "gaussian", "pissa"]), default="default", show_default=True,
               help="default: A random, B zero; gaussian: A ~ N(0, 1/r^2); pissa: the base's top singular vectors.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True, help="Peak learning rate.")
-@click.option("--lr-ratio", type=click.FloatRange(min=0, min_open=True), default=None, help="LoRA+: B's learning rate is lr times this.")
+@click.option("--lr", type=click.FloatRange(min=0, max=math.inf, min_open=True, max_open=True), default=2e-4, show_default=True, help="Peak learning rate.")
+@click.option("--lr-ratio", type=click.FloatRange(min=0, max=math.inf, min_open=True, max_open=True), default=None, help="LoRA+: B's learning rate is lr times this.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None, help="Passes over the data (default 1).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (instead of --epochs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Sequences per micro-batch.")
@@ -95,10 +96,7 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     """
     if epochs is not None and steps is not None:
         raise click.UsageError("give --epochs or --steps, not both")
-    for source in (data, eval_path):
-        if source is not None and Path(source).resolve() == Path(output).resolve():
-            raise AdapterOpsError(f"{output} is also an input; write the adapter to another path")
-    refuse_existing(output, force)
+    reading = refuse_existing(output, force, [data, eval_path, resume, base if Path(base).exists() else None])
     for source in (data, eval_path):
         if source is not None and not Path(source).is_file():
             raise FormatError(f"{source}: no such file")
@@ -115,6 +113,7 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     if not (Path(path) / "config.json").is_file():
         raise FormatError(f"{base}: not a Hugging Face model directory (no config.json)")
     Checkpoint(path)  # only safetensors are ever parsed: a pickle-only or malformed base stops here, before transformers
+    reading.add([path])  # the base, data and checkpoint must hold still while they are read
     device = default_device(device)
     torch_dtype = getattr(torch, _DTYPES[dtype]) if _DTYPES[dtype] else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
@@ -125,6 +124,7 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     else:
         status(f"loading {base} ({str(torch_dtype).removeprefix('torch.')}, {device})")
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, use_safetensors=True).to(device)
+    reading.verify()
     handle = add_lora(model, targets=parsed_targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora,
                       init=init, quantize="nf4" if qlora else None, seed=seed)
     if not quiet:
@@ -138,7 +138,7 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
         tokenizer=tokenizer, fuse=fuse,
     )
     adapter = result.adapter.to(device="cpu").with_metadata(base_model=str(base))
-    adapter.save(output, format=fmt, force=force)
+    adapter.save(output, format=fmt, force=force, inputs=[path, data, eval_path, resume])
     summary = {**result.to_dict(), "output": output, "format": fmt or default_format(output), "base": str(base),
                "device": device, "qlora": qlora}
     emit(summary, as_json, _render)

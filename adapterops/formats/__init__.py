@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 from .._files import atomic_output, refuse_pickle
-from ..adapter import Adapter
+from ..adapter import Adapter, LoraLayer
 from ..errors import FormatError, NonFiniteError
+from ..safety import Inputs, check_finite
 from . import kohya, native, peft
 
 __all__ = ["FORMATS", "load", "save", "detect_format", "default_format"]
@@ -66,11 +70,24 @@ def default_format(path: str | os.PathLike) -> str:
     return "native" if Path(path).suffix else "peft"
 
 
-def save(adapter: Adapter, path: str | os.PathLike, *, format: str | None = None, force: bool = False) -> None:
+def save(
+    adapter: Adapter,
+    path: str | os.PathLike,
+    *,
+    format: str | None = None,
+    force: bool = False,
+    inputs: Inputs | Iterable[str | os.PathLike] = (),
+    allow_nonfinite: bool = False,
+) -> None:
     """Write ``adapter`` atomically; ``format`` defaults to ``native`` for a path with a suffix, else ``peft``.
 
     Single-file formats (native, kohya) need a ``.st`` or ``.safetensors`` name, so that ``load``
     recognises the file again.
+
+    ``inputs``: the files the adapter was computed from (a ``safety.Inputs`` snapshot, or paths;
+    the file it was loaded from always counts): ``path`` may not be, hold or lie inside one, even
+    with ``force``, and nothing is written if one changed since the snapshot. Factors holding NaN
+    or Inf are refused, with their names and counts, unless ``allow_nonfinite``.
     """
     path = Path(path)
     fmt = format or default_format(path)
@@ -79,5 +96,14 @@ def save(adapter: Adapter, path: str | os.PathLike, *, format: str | None = None
     suffixes = getattr(FORMATS[fmt], "SUFFIXES", None)
     if suffixes and path.suffix.lower() not in suffixes:
         raise FormatError(f"{path}: a {fmt} adapter is one file named *{' or *'.join(suffixes)}; pick such a name")
-    with atomic_output(path, force=force) as tmp:
+    factors = {f"{n}.{role}": t for n, layer in adapter.items() for role, t in _factors(layer)}
+    check_finite(factors, path, allow=allow_nonfinite)
+    watched = (inputs if isinstance(inputs, Inputs) else Inputs(inputs)).add([adapter.metadata.get("source")])
+    need = sum(t.numel() * t.element_size() for t in factors.values())
+    with atomic_output(path, force=force, inputs=watched, need=need) as tmp:
         FORMATS[fmt].write(adapter, tmp)
+
+
+def _factors(layer: LoraLayer) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a layer as a file stores them: ``lora_A``, ``lora_B`` and a DoRA ``magnitude``."""
+    return [("lora_A", layer.A), ("lora_B", layer.B)] + ([("magnitude", layer.magnitude)] if layer.magnitude is not None else [])

@@ -146,13 +146,15 @@ def quantize_checkpoint(
     device: str | torch.device | None = None,
     progress: bool = True,
     force: bool = False,
+    allow_nonfinite: bool = False,
 ) -> QuantizeReport:
     """Write ``base`` with its linear weights in NF4 to ``out`` (a directory), streaming.
 
     ``skip``: regular expressions; a weight whose module path (its name without ``.weight``)
     matches one stays unquantized, in addition to ``DEFAULT_SKIP``. ``double_quant``: store the
     block scales in 8 bits too (QLoRA's double quantization). Everything is checked before
-    anything is written; the output appears only when complete.
+    anything is written; the output appears only when complete, and not at all when a quantized
+    weight holds NaN/Inf (unless ``allow_nonfinite``) or the base changed meanwhile.
     """
     start = time.perf_counter()
     if blocksize not in BLOCKSIZES:
@@ -191,7 +193,7 @@ def quantize_checkpoint(
     def edit(cfg: dict[str, Any]) -> dict[str, Any]:
         return {**cfg, "quantization_config": qconfig}
 
-    result = rewrite(checkpoint, out, jobs, device=dev, progress=progress, force=force, config=edit, label="quantize")
+    result = rewrite(checkpoint, out, jobs, device=dev, progress=progress, force=force, config=edit, label="quantize", allow_nonfinite=allow_nonfinite)
     order = {name: i for i, name in enumerate(chosen)}
     rows = sorted(result.rows, key=lambda r: order[r["name"]])
     return QuantizeReport(
