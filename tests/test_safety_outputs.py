@@ -320,6 +320,8 @@ def test_usage_errors_are_one_line_with_exit_2(files, tmp_path):
     for args in (["merge", "-b", files / "base"], ["convert", files / "a.st", "--to", "nope", "-o", tmp_path / "x"], ["nocommand"]):
         result = cli(*args)
         assert result.exit_code == 2 and one_line(result.stderr).startswith("Error: ") and "-h')" in result.stderr, result.stderr
+    bare = cli()  # no arguments at all: click's help, not an error line
+    assert bare.exit_code == 2 and bare.output.startswith("Usage: ") and "Error" not in bare.output
 
 
 def test_ctrl_c_after_the_output_is_published_exits_0(files, tmp_path, monkeypatch):

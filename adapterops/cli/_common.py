@@ -56,6 +56,9 @@ class Group(click.Group):
             click.echo("Error: interrupted", err=True)
             sys.exit(130)
         except click.UsageError as exc:
+            if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                exc.show()  # no arguments at all: the help, as click prints it
+                sys.exit(exc.exit_code)
             where = exc.ctx.command_path if exc.ctx is not None else "adapterops"
             click.echo(f"Error: {' '.join(exc.format_message().split())} (see '{where} -h')", err=True)
             sys.exit(exc.exit_code)
