@@ -118,8 +118,10 @@ def require_matplotlib() -> None:
         raise AdapterOpsError("plots need matplotlib, which is not installed: pip install 'adapterops[plot]'") from None
 
 
-def plot_diagnosis(report: DiagnosisReport, path: str | os.PathLike, *, force: bool = False) -> Path:
+def plot_diagnosis(report: DiagnosisReport, path: str | os.PathLike, *, force: bool = False, inputs: Sequence[str | os.PathLike] = ()) -> Path:
     """Draw the report into ``path`` (PNG, or any format matplotlib knows by the suffix).
+
+    ``inputs`` (the adapter and base diagnosed, say) are never overwritten (``safety.check_output``).
 
     Panels: effective rank across depth (one line per module kind, the stored rank dashed);
     intruder counts across depth (with a base) or ``||dW||`` across depth (without); the singular
@@ -171,7 +173,7 @@ def plot_diagnosis(report: DiagnosisReport, path: str | os.PathLike, *, force: b
         ax_sim.text(0.5, 0.5, "pass a base (--base) for intruder dimensions", ha="center", va="center", color="grey")
     fig.suptitle(f"{report.adapter or 'adapter'}: {report.summary.num_layers} layers")
     fmt = path.suffix.lstrip(".").lower() or "png"
-    with atomic_output(path, force=force) as tmp:
+    with atomic_output(path, force=force, inputs=inputs) as tmp:
         fig.savefig(tmp, format=fmt, dpi=110)
     return path
 

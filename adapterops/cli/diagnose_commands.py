@@ -42,7 +42,7 @@ limit_option = click.option("--limit", type=click.IntRange(min=1), default=None,
 def diagnose(adapter, base, top_k, epsilon, plot, cache_dir, no_cache, limit, device, force, allow_nonfinite, quiet, as_json):
     """Spectra, effective rank and (with --base) intruder dimensions of every layer of ADAPTER."""
     if plot:
-        refuse_existing(plot, force, [adapter, base])
+        inputs = refuse_existing(plot, force, [adapter, base])
         require_matplotlib()
     source = load(adapter, allow_nonfinite=allow_nonfinite)
     cache = False if no_cache else cache_dir
@@ -50,7 +50,7 @@ def diagnose(adapter, base, top_k, epsilon, plot, cache_dir, no_cache, limit, de
         source, base, top_k=top_k, epsilon=epsilon, device=default_device(device), cache=cache, progress=not quiet and is_tty()
     )
     if plot:
-        plot_diagnosis(report, plot, force=force)
+        plot_diagnosis(report, plot, force=force, inputs=inputs.paths)
         if not quiet:
             status(f"wrote {plot}")
     emit(report, as_json, lambda r: format_diagnosis(r, limit=limit))
