@@ -6,6 +6,7 @@ transformers is imported only here, when the command runs (the optional ``train`
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -83,12 +84,14 @@ def _render(d: dict) -> str:
 @click.option("--save-every", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps (and at the end).")
 @click.option("--resume", type=click.Path(), default=None, help="Resume from a checkpoint (directory of one, or of several: the latest).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the LoRA init, the data order and dropout.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Data-parallel processes on this machine (one per GPU): runs this command under torchrun; --batch-size is per process.")
 @force_option
 @quiet_option
 @json_option
 def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rslora, init, lr, lr_ratio, epochs, steps,
           batch_size, grad_accum, max_len, packing, warmup, weight_decay, max_grad_norm, eval_every, qlora,
-          gradient_checkpointing, compile_, fuse, dtype, device, checkpoint_dir, save_every, resume, seed, force, quiet, as_json):
+          gradient_checkpointing, compile_, fuse, dtype, device, checkpoint_dir, save_every, resume, seed, nproc, force, quiet, as_json):
     """Train a LoRA adapter on the --base model with the JSONL --data; write it to -o.
 
     \b
@@ -96,6 +99,10 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     """
     if epochs is not None and steps is not None:
         raise click.UsageError("give --epochs or --steps, not both")
+    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_under_torchrun(nproc)
+    rank_ = int(os.environ.get("RANK", "0"))
+    quiet = quiet or rank_ != 0  # under torchrun only process 0 talks
     reading = refuse_existing(output, force, [data, eval_path, resume, base if Path(base).exists() else None])
     for source in (data, eval_path):
         if source is not None and not Path(source).is_file():
@@ -115,6 +122,8 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     Checkpoint(path)  # only safetensors are ever parsed: a pickle-only or malformed base stops here, before transformers
     reading.add([path])  # the base, data and checkpoint must hold still while they are read
     device = default_device(device)
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
     torch_dtype = getattr(torch, _DTYPES[dtype]) if _DTYPES[dtype] else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     train_set = load_jsonl(data, tokenizer, max_len=max_len, packing=packing)
@@ -137,11 +146,30 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
         checkpoint_dir=checkpoint_dir or resume, save_every=save_every, resume_from=resume, progress=not quiet,
         tokenizer=tokenizer, fuse=fuse,
     )
+    if rank_ != 0:
+        return
     adapter = result.adapter.to(device="cpu").with_metadata(base_model=str(base))
     adapter.save(output, format=fmt, force=force, inputs=[path, data, eval_path, resume])
     summary = {**result.to_dict(), "output": output, "format": fmt or default_format(output), "base": str(base),
                "device": device, "qlora": qlora}
     emit(summary, as_json, _render)
+
+
+def _relaunch_under_torchrun(nproc: int) -> None:
+    """Run this very command again as ``nproc`` torchrun processes, without ``--nproc``; exit with their status."""
+    import subprocess
+    import sys
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "adapterops.cli", *args]
+    raise SystemExit(subprocess.call(cmd))
 
 
 def _import_training():

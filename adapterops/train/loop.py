@@ -30,6 +30,7 @@ from .fused import fuse_shared_inputs
 from .data import IGNORE, collate, load_jsonl, pack
 from .inject import lora_adapter, lora_modules
 from .loss import loss_fn
+from . import distributed
 from .progress import TrainProgress
 
 __all__ = ["TrainResult", "train_lora", "lr_at", "evaluate"]
@@ -124,6 +125,7 @@ def train_lora(
     max_len: int | None = None,
     packing: bool = False,
     fuse: bool = False,
+    strategy: str | None = None,
 ) -> TrainResult:
     """Train the LoRA layers of ``model`` (see ``add_lora``) and return the result.
 
@@ -146,6 +148,10 @@ def train_lora(
     and gradients as run one by one; ``adapterops.train.attention``). ``fuse`` runs LoRA layers
     that read one input (q/k/v, gate/up) as one (``adapterops.train.fused``) for the run; off by
     default, as compiled on an H200 it measured 6% slower than the layers run alone.
+
+    Under ``torchrun`` every process runs this same call (``strategy="ddp"``, the default there):
+    ``batch_size`` rows per process, the LoRA gradients summed over processes, only process 0
+    logging, evaluating and saving (``adapterops.train.distributed``).
     """
     modules = lora_modules(model)
     if not modules:
@@ -156,7 +162,8 @@ def train_lora(
     first = next(iter(modules.values())).lora_A
     device = first.device
     pad_id = _pad_id(tokenizer)
-    stream = _Batches(train, batch_size, seed, pad_id, device)
+    dp = distributed.world(strategy, device)
+    stream = _Batches(train, batch_size * dp.size, seed, pad_id, device)  # global micro-batches
     num_batches = stream.num_batches
     total = steps if steps is not None else max(1, math.ceil(epochs * num_batches / grad_accum))
     warmup_steps = int(warmup) if isinstance(warmup, int) else int(round(warmup * total))
@@ -171,9 +178,10 @@ def train_lora(
     ]
     fused = device.type == "cuda" and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in a_params + b_params)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+    distributed.check_replicas(dp, a_params + b_params)
 
     settings = {
-        "lr": lr, "lr_ratio": lr_ratio, "total_steps": total, "batch_size": batch_size, "grad_accum": grad_accum,
+        "lr": lr, "lr_ratio": lr_ratio, "total_steps": total, "batch_size": batch_size * dp.size, "grad_accum": grad_accum,
         "warmup_steps": warmup_steps, "weight_decay": weight_decay, "betas": list(betas), "seed": seed,
         "max_grad_norm": max_grad_norm, "num_examples": len(train), "bf16": use_bf16,
     }
@@ -197,7 +205,7 @@ def train_lora(
     compiled = compile_blocks(model) if (_compile_by_default(device) if auto_compile else compile) else []
     was_training = model.training
     restore_checkpointing = _enable_checkpointing(model) if gradient_checkpointing else None
-    bar = TrainProgress(total, enabled=progress)
+    bar = TrainProgress(total, enabled=progress and dp.main)
     tokens, seconds = 0, 0.0
     warmup_seconds, steady_tokens, steady_seconds = 0.0, 0, 0.0
     switches = ExitStack()  # undone at the end: packed batches on CUDA take flash varlen attention, fused groups
@@ -215,6 +223,7 @@ def train_lora(
             n_trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
             step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
             tokens += step_tokens
+            batches = [b for b in map(dp.shard, batches) if b["input_ids"].shape[0]]  # this process's rows
             try:
                 step_loss = _accumulate(batches, compute_loss, autocast, n_trained, device)
             except Exception as exc:
@@ -225,6 +234,8 @@ def train_lora(
                 optimizer.zero_grad(set_to_none=True)
                 warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); training without it", stacklevel=2)
                 step_loss = _accumulate(batches, compute_loss, autocast, n_trained, device)
+            dp.all_reduce_grads(a_params + b_params)
+            step_loss = dp.sum(step_loss)
             grad_norm = None
             if max_grad_norm:
                 grad_norm = torch.nn.utils.clip_grad_norm_(a_params + b_params, max_grad_norm)
@@ -245,12 +256,12 @@ def train_lora(
             rate = steady_tokens / steady_seconds if steady_seconds else tokens / seconds if seconds else 0.0
             info = {"step": done, "total_steps": total, "loss": step_loss, "lr": lr * scale, "grad_norm": grad_norm,
                     "tokens": tokens, "tokens_per_second": rate, "warmup_seconds": warmup_seconds}
-            if evals is not None and ((eval_every and done % eval_every == 0) or done == total):
+            if dp.main and evals is not None and ((eval_every and done % eval_every == 0) or done == total):
                 info["eval_loss"] = evaluate(model, evals, batch_size=batch_size, bf16=use_bf16, pad_id=pad_id, fused_loss=fused_loss)
                 eval_losses.append((done, info["eval_loss"]))
             bar.update(info)
-            stop = callback is not None and callback(info) is False
-            if checkpoint_dir is not None and ((save_every and done % save_every == 0) or done == total or stop):
+            stop = dp.agree(dp.main and callback is not None and callback(info) is False)
+            if dp.main and checkpoint_dir is not None and ((save_every and done % save_every == 0) or done == total or stop):
                 _require_finite(a_params + b_params, done, lr)
                 state = {"settings": settings, "losses": losses, "eval_losses": [list(e) for e in eval_losses]}
                 ckpt.save_checkpoint(checkpoint_dir, done, modules, optimizer, state)

@@ -1,0 +1,148 @@
+"""Data-parallel training on ``torch.distributed``, as ``torchrun`` starts it.
+
+``train_lora`` asks ``world()`` which process it is. Outside ``torchrun`` (no ``WORLD_SIZE`` in
+the environment, or 1) that is a world of one and nothing here does anything. Under ``torchrun
+--nproc-per-node N`` every process runs the same ``train_lora`` call; ``world`` joins the process
+group torchrun describes (NCCL on CUDA, gloo on the CPU) and, on CUDA, moves to the GPU of
+``LOCAL_RANK``. Then, per optimizer step (``strategy="ddp"``):
+
+- every process builds the same *global* micro-batches (``batch_size`` rows per process, so
+  ``batch_size * N`` rows; the data order of one process with that batch size) and keeps its own
+  contiguous slice of rows (``shard``);
+- the loss is scaled by the number of trained tokens of the global micro-batches, so after the
+  backward pass the sum over processes of the local LoRA gradients is the gradient of the global
+  batch (``all_reduce_grads``: one all-reduce of the flattened LoRA gradients, the only tensors
+  that travel; the frozen base never does);
+- every process then clips and steps the same optimizer on the same gradients, so the factors stay
+  identical everywhere, and only process 0 logs, evaluates, calls back and saves. A checkpoint is
+  the same files one process writes, with the global batch size in its settings, so a run resumes
+  under any number of processes that gives the same global batch.
+
+One process with batch ``2b`` and two with ``b`` each compute the same steps, up to the order of
+floating-point sums. Multi-node runs are torchrun's own flags (``--nnodes``, ``--rdzv-endpoint``,
+...); nothing here depends on the topology.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+import torch
+
+from ..errors import AdapterOpsError
+
+__all__ = ["STRATEGIES", "World", "world", "check_replicas"]
+
+STRATEGIES = ("ddp",)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among ``size`` data-parallel processes (rank 0 is the main one)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This process's rows of a global micro-batch (as even a split as the row count allows)."""
+        if self.size == 1:
+            return batch
+        rows = next(iter(batch.values())).shape[0]
+        lo, hi = rows * self.rank // self.size, rows * (self.rank + 1) // self.size
+        return {k: v[lo:hi] for k, v in batch.items()}
+
+    def all_reduce_grads(self, params: list[torch.Tensor]) -> None:
+        """Sum the gradients of ``params`` over all processes, in place (missing ones count as zero)."""
+        if self.size == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+            offset += n
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over all processes (a new tensor)."""
+        if self.size == 1:
+            return value
+        import torch.distributed as dist
+
+        total = value.detach().clone().float()
+        dist.all_reduce(total)
+        return total
+
+    def agree(self, flag: bool) -> bool:
+        """Process 0's ``flag``, on every process (a stop asked for by a callback, say)."""
+        if self.size == 1:
+            return flag
+        import torch.distributed as dist
+
+        box = [flag]
+        dist.broadcast_object_list(box, src=0)
+        return bool(box[0])
+
+
+def world(strategy: str | None, device: torch.device) -> World:
+    """The data-parallel world of this process, from torchrun's environment; joins its process group.
+
+    ``strategy`` None means ``"ddp"`` when there is more than one process; a single process ignores it.
+    """
+    if strategy is not None and strategy not in STRATEGIES:
+        raise AdapterOpsError(f"unknown training strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    size = _env_int("WORLD_SIZE", 1)
+    if size <= 1:
+        return World()
+    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    import torch.distributed as dist
+
+    if device.type == "cuda" and device.index not in (None, local):
+        raise AdapterOpsError(
+            f"process {rank} (LOCAL_RANK {local}) holds its model on {device}; under torchrun each process "
+            f"trains on its own GPU: move the model to cuda:{local}"
+        )
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return World(rank=dist.get_rank(), size=dist.get_world_size())
+
+
+def check_replicas(world_: World, params: list[torch.Tensor]) -> None:
+    """Refuse a start from factors that differ between processes (a seed that differs, say)."""
+    if world_.size == 1:
+        return
+    import torch.distributed as dist
+
+    local = torch.stack([p.detach().float().sum() for p in params]).cpu() if params else torch.zeros(1)
+    mine = local.to(_comm_device())
+    first = mine.clone()
+    dist.broadcast(first, src=0)
+    if not torch.equal(mine, first):
+        raise AdapterOpsError(
+            f"process {world_.rank} starts from other LoRA factors than process 0; give add_lora the same seed in every process"
+        )
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise AdapterOpsError(f"{name}={text!r} in the environment is not an integer (is this run started by torchrun?)") from None
