@@ -17,7 +17,7 @@ from adapterops import Adapter, LoraLayer
 HIDDEN = 16
 LAYERS = 2
 MODULES = ("q_proj", "v_proj")
-CLI = [sys.executable, "-c", "import adapterops_launch; adapterops_launch.main()"]  # what the console script runs
+CLI = [sys.executable, "-c", "from adapterops._launch import main; main()"]  # what the console script runs
 
 
 def weight_name(layer: int, module: str) -> str:
