@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -292,15 +293,18 @@ class Adapter(Mapping[str, LoraLayer]):
             layers[name] = LoraLayer(A, B, float(k))
         return Adapter(layers, _combined_metadata([self], note=f"compress({rule}={value})"))
 
-    def save(self, path: str, format: str | None = None, *, force: bool = False, inputs: Any = (), allow_nonfinite: bool = False) -> None:
-        """Write to ``path`` as ``native`` (one safetensors file), ``peft`` (directory) or ``kohya``.
+    def save(
+        self, path: str, format: str | None = None, *, force: bool = False, base: str | None = None, inputs: Any = (), allow_nonfinite: bool = False
+    ) -> None:
+        """Write to ``path`` as ``native`` (one safetensors file), ``peft`` (directory), ``kohya`` or
+        ``gguf`` (llama.cpp; needs ``base``, the base model's HF directory, Hub id or GGUF file).
 
-        The format defaults to ``peft`` for a path without a suffix and ``native`` otherwise.
-        ``inputs`` (never overwritten) and ``allow_nonfinite``: see ``formats.save``.
+        The format defaults to ``peft`` for a path without a suffix, ``gguf`` for ``.gguf`` and
+        ``native`` otherwise. ``inputs`` (never overwritten) and ``allow_nonfinite``: see ``formats.save``.
         """
         from .formats import save
 
-        save(self, path, format=format, force=force, inputs=inputs, allow_nonfinite=allow_nonfinite)
+        save(self, path, format=format, force=force, base=base, inputs=inputs, allow_nonfinite=allow_nonfinite)
 
     def merge_into(self, module: Any, weight: float = 1.0) -> list[str]:
         """Add ``weight * delta`` to the matching weights of a live ``nn.Module`` in place (see ``merging.merge_into``)."""
@@ -469,11 +473,18 @@ def _groups_by_shape(adapter: Adapter) -> dict[tuple, list[str]]:
 
 
 def _combined_metadata(adapters: Sequence[Adapter], note: str | None = None) -> dict[str, Any]:
-    """Metadata every operand agrees on (base model, targets), plus an optional note."""
+    """Metadata every operand agrees on (base model, task type), plus an optional note.
+
+    Operands made for different base models still combine (the shapes decide), with a warning.
+    """
     meta: dict[str, Any] = {}
-    bases = {a.metadata.get("base_model") for a in adapters}
-    if len(bases) == 1 and None not in bases:
-        meta["base_model"] = bases.pop()
+    for key in ("base_model", "task_type"):
+        values = {a.metadata.get(key) for a in adapters}
+        if len(values) == 1 and None not in values:
+            meta[key] = values.pop()
+    bases = sorted({str(a.metadata["base_model"]) for a in adapters if a.metadata.get("base_model")})
+    if len(bases) > 1:
+        warnings.warn(f"the adapters were made for different base models ({', '.join(bases)}); the result records none", stacklevel=3)
     if note:
         meta["notes"] = note
     return meta

@@ -184,7 +184,8 @@ BAD = {
     "corrupt blend input": (["blend", "{d}/a.st", "{d}/corrupt.st", "-o", "{d}/out.st"], "not a readable safetensors file"),
     "unknown format": (["info", "{d}/notes.txt"], "notes.txt: not a recognised adapter"),
     "not an adapter": (["compress", "{d}/weights.safetensors", "--rank", "2", "-o", "{d}/out.st"], "not a recognised adapter"),
-    "unknown target format": (["convert", "{d}/a.st", "--to", "gguf", "-o", "{d}/out.gguf"], "'gguf' is not one of"),
+    "unknown target format": (["convert", "{d}/a.st", "--to", "onnx", "-o", "{d}/out.onnx"], "'onnx' is not one of"),
+    "gguf without a base": (["convert", "{d}/a.st", "--to", "gguf", "-o", "{d}/out.gguf"], "a GGUF adapter needs its base model"),
     "bad output name": (["convert", "{d}/a.st", "--to", "kohya", "-o", "{d}/out.bin"], "a kohya adapter is one file named"),
     "weights count": (["blend", "{d}/a.st", "{d}/b.st", "--weights", "0.6,0.3,0.1", "-o", "{d}/out.st"], "--weights has 3 values for 2 adapters"),
     "weights not numbers": (["blend", "{d}/a.st", "{d}/b.st", "--weights", "0.6,x", "-o", "{d}/out.st"], "expected comma-separated numbers"),
@@ -237,7 +238,7 @@ def test_issue_spelling_of_commands():
     for flag in ("--rank", "--energy", "--budget", "-o,", "--force", "--json"):
         assert flag in usage["compress"], flag
     assert "--json" in usage["info"]
-    assert "--to [peft|native|kohya]" in usage["convert"] and "-o," in usage["convert"]
+    assert "--to [peft|native|kohya|gguf]" in usage["convert"] and "-o," in usage["convert"]
 
 
 # ---------------------------------------------------------------- examples and the README

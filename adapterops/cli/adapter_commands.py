@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import click
 
 from ..adapter import blend as blend_adapters
@@ -9,7 +10,9 @@ from ..errors import AdapterOpsError
 from ..formats import FORMATS, default_format, load
 from ..safety import Inputs
 from ..summary import summarize
+from ..targets import PEFT_TASK_TYPES, complete_metadata, prepare
 from . import main
+from .check_commands import max_lora_rank_option
 from ._common import (
     allow_nonfinite_option,
     default_device,
@@ -162,13 +165,45 @@ def _render_info(d: dict) -> str:
 @main.command()
 @click.argument("adapter", type=click.Path())
 @click.option("--to", "fmt", type=click.Choice(list(FORMATS)), required=True, help="Target format.")
+@click.option(
+    "--base", default=None,
+    help="Base model (HF checkpoint directory, Hub repo id, or its .gguf file): required by --to gguf, "
+    "and for reading GGUF files of Llama-family models that lack adapterops' metadata.",
+)
+@click.option("--target", type=click.Choice(["vllm", "peft", "transformers"]), default=None,
+              help="Make the PEFT output load in this consumer: fix what can be fixed (and report the cost), refuse the rest.")
+@max_lora_rank_option
+@click.option("--task-type", type=click.Choice(list(PEFT_TASK_TYPES)), default=None,
+              help="PEFT task_type to record (default: from the base's architecture).")
 @output_option()
 @force_option
 @allow_nonfinite_option
 @json_option
-def convert(adapter, fmt, output, force, allow_nonfinite, as_json):
-    """Rewrite ADAPTER in another format; the deltas stay exactly the same."""
-    inputs = refuse_existing(output, force, [adapter])
-    source = load(adapter, allow_nonfinite=allow_nonfinite)
-    source.save(output, format=fmt, force=force, inputs=inputs, allow_nonfinite=allow_nonfinite)
-    emit(_result(source, output, fmt), as_json, _render_result)
+def convert(adapter, fmt, base, target, max_lora_rank, task_type, output, force, allow_nonfinite, as_json):
+    """Rewrite ADAPTER in another format; the deltas stay exactly the same.
+
+    With --target (and --to peft), what the consumer cannot load is fixed where it can be:
+    re-compression to --max-lora-rank, DoRA to plain LoRA (needs --base), scales folded; the
+    cost per layer is reported, and what cannot be fixed is refused.
+    """
+    inputs = refuse_existing(output, force, [adapter, base])
+    if target is not None:
+        if fmt != "peft":
+            raise click.UsageError(f"--target {target} writes a PEFT directory; use --to peft")
+        source, report = prepare(adapter, target, max_lora_rank=int(max_lora_rank), base=base, task_type=task_type)
+    else:
+        source, report = load(adapter, allow_nonfinite=allow_nonfinite, base=base), None
+        if fmt != "gguf" and (task_type or base):
+            source = complete_metadata(source, base=base, task_type=task_type)
+    source.save(output, format=fmt, force=force, base=base, inputs=inputs, allow_nonfinite=allow_nonfinite)
+    data = _result(source, output, fmt) if report is None else {**_result(source, output, fmt), **report}
+    emit(data, as_json, _render_convert)
+
+
+def _render_convert(d: dict) -> str:
+    lines = [_render_result(d)] + [f"fixed {line}" for line in d.get("fixed", [])]
+    changed = {n: r for n, r in d.get("layers", {}).items()}
+    if changed:
+        lines.append(f"changed {len(changed)} of {d['num_layers']} layers; least energy kept {d['energy_kept_min']:.4f}")
+        lines += [f"  {n}: {r['change']}, rank {r['rank_before']} -> {r['rank']}, energy kept {r['energy_kept']:.4f}" for n, r in changed.items()]
+    return "\n".join(lines)
