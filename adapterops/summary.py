@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
-from .formats import load
+from .formats import load, locate
 
 
 def summarize(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> dict[str, Any]:
@@ -16,9 +15,9 @@ def summarize(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> dict
     Norms are None for DoRA adapters and for layers holding NaN/Inf (listed in ``nonfinite_layers``),
     so that the result is always valid JSON.
     """
-    path = Path(path)
     adapter = load(path, allow_nonfinite=allow_nonfinite)
-    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    local, _ = locate(path)  # a Hub id's files are in the cache
+    files = [p for p in local.rglob("*") if p.is_file()] if local.is_dir() else [local]
     norms = {} if adapter.is_dora else {n: _finite(v) for n, v in adapter.norm(per_layer=True).items()}
     dtypes = sorted({str(layer.A.dtype).removeprefix("torch.") for layer in adapter.values()})
     return {

@@ -56,6 +56,11 @@ def write(adapter: Adapter, path: Path) -> None:
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def is_factor_key(key: str) -> bool:
+    """Whether a tensor key of a PEFT state dict is a LoRA factor or DoRA magnitude (not a bias, head or embedding)."""
+    return _KEY.match(key.removeprefix(PREFIX)) is not None and not key.endswith(".bias")
+
+
 def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
     """The key of ``patterns`` PEFT applies to ``module`` (first match of ``(.*\\.)?(key)$``), or None.
 
