@@ -9,6 +9,13 @@ updated weight to its learned magnitude ``m`` (out,):
 
     V = W + s * B @ A;    W' = m * V / ||V||_row          (2-norm over the in-features of a row)
 
+Into an NF4 base, ``rounding`` picks how ``W'`` is re-quantized: ``"nearest"`` (bitsandbytes'
+rounding with fresh scales) or ``"gptq"`` (error feedback on the base's scales, for the inputs of
+calibration text or, without it, the adapter's own input directions; ``adapterops.quant.gptq``).
+With a Hessian at hand, rows also carry ``output_error = ||(deq(Q) - W') X|| / ||dW X||``, and
+for ``"gptq"`` the ``codes_changed``, ``retained`` and ``output_error`` nearest rounding gives
+(suffixed ``_nearest``).
+
 ``unmerge`` is ``merge`` with the weights negated, exact up to the output dtype's rounding; it is
 refused for DoRA, whose row norms cannot be recovered from the merged weight and the adapter.
 Each report row carries ``rel_change = ||dW|| / ||W||`` and ``retained``, the part of ``dW`` that
@@ -25,6 +32,7 @@ codec means "write it dequantized": every weight of that codec is decoded and wr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -42,8 +50,10 @@ from .errors import AdapterOpsError, BaseMismatchError, ShapeMismatchError, Unsu
 from .rewrite import Job, Task, check_output, checkpoint_inputs, resolve_device, rewrite
 from .safety import Inputs
 from .storage import CODECS, DENSE, Codec, logical_weights, parse_dtype
+from .quant.calibration import adapter_hessian
+from .quant.gptq import relative_output_error
 
-__all__ = ["merge", "unmerge", "merge_into", "applied", "plan_merge", "MergeReport"]
+__all__ = ["merge", "unmerge", "merge_into", "applied", "plan_merge", "MergeReport", "ROUNDINGS"]
 
 
 @dataclass
@@ -63,6 +73,8 @@ class MergeReport:
     bytes_read: int
     bytes_written: int
     seconds: float
+    rounding: str = "nearest"
+    calibration: dict[str, Any] | None = None
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -80,13 +92,21 @@ class MergeReport:
             "bytes_written": self.bytes_written,
             "seconds": self.seconds,
             "bytes_per_second": self.bytes_written / self.seconds if self.seconds else None,
+            "output_error_median": _median(r.get("output_error") for r in self.rows),
+            "output_error_nearest_median": _median(r.get("output_error_nearest") for r in self.rows),
         }
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "op": self.op, "base": self.base, "out": self.out, "adapters": self.adapters, "weights": self.weights,
-            "device": self.device, "dtype": self.dtype, "totals": self.totals, "rows": self.rows,
+            "device": self.device, "dtype": self.dtype, "rounding": self.rounding, "calibration": self.calibration,
+            "totals": self.totals, "rows": self.rows,
         }
+
+
+def _median(values: Iterator[Any]) -> float | None:
+    found = sorted(v for v in values if v is not None)
+    return found[len(found) // 2] if found else None
 
 
 @dataclass(frozen=True)
@@ -106,6 +126,7 @@ class _MergeInfo:
     transposed: bool = False
     dora: bool = False
     rank: int = 0
+    rounding: str = "nearest"
 
 
 def merge(
@@ -117,6 +138,10 @@ def merge(
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
     force: bool = False,
+    rounding: str = "nearest",
+    calibration: str | os.PathLike | Sequence[Sequence[int]] | None = None,
+    calibration_samples: int = 128,
+    max_len: int = 2048,
     allow_nonfinite: bool = False,
 ) -> MergeReport:
     """Write ``base`` with ``sum_i weights[i] * adapters[i]`` merged in, to ``out``, streaming.
@@ -125,11 +150,16 @@ def merge(
     list of Adapters or paths. ``weights`` default to 1. ``device``: where to compute (default CUDA
     when present). ``dtype``: output dtype (default: each tensor's own). Everything is checked
     before anything is written; the output appears only when complete, never over an input (not
-    even with ``force``), and not at all when the base or an adapter file changed meanwhile or a
-    written tensor holds NaN/Inf (an fp16 overflow, a NaN in the base; with ``allow_nonfinite`` it
-    is written anyway, and adapters holding NaN/Inf load).
+    even with ``force``), and not at all when the base, an adapter or the calibration file changed
+    meanwhile or a written tensor holds NaN/Inf (an fp16 overflow, a NaN in the base; with
+    ``allow_nonfinite`` it is written anyway, and adapters holding NaN/Inf load).
+
+    NF4 outputs: ``rounding`` is ``"nearest"`` or ``"gptq"`` (see the module docstring);
+    ``calibration``: a JSONL file in ``train``'s shapes (or token id sequences) whose first
+    ``calibration_samples`` rows, cut to ``max_len`` tokens, give the Hessians.
     """
-    return _merge("merge", base, adapters, out, weights, device, dtype, progress, force, allow_nonfinite=allow_nonfinite)
+    return _merge("merge", base, adapters, out, weights, device, dtype, progress, force,
+                  (rounding, calibration, calibration_samples, max_len), allow_nonfinite=allow_nonfinite)
 
 
 def unmerge(
@@ -150,7 +180,8 @@ def unmerge(
     return _merge("unmerge", base, adapters, out, weights, device, dtype, progress, force, allow_nonfinite=allow_nonfinite)
 
 
-def _merge(op, base, adapters, out, weights, device, dtype, progress, force, *, allow_nonfinite=False) -> MergeReport:
+def _merge(op, base, adapters, out, weights, device, dtype, progress, force, rounding_options=("nearest", None, 128, 2048), *,
+           allow_nonfinite=False) -> MergeReport:
     start = time.perf_counter()
     out_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
@@ -163,7 +194,7 @@ def _merge(op, base, adapters, out, weights, device, dtype, progress, force, *, 
     if not all(math.isfinite(w) for w in ws):
         raise AdapterOpsError(f"weights must be finite numbers, got {ws}")
     checkpoint = Checkpoint(base)
-    read = [*checkpoint_inputs(checkpoint), *(i for i in items if isinstance(i, (str, os.PathLike)))]
+    read = [*checkpoint_inputs(checkpoint), *(i for i in (*items, rounding_options[1]) if isinstance(i, (str, os.PathLike)))]
     watched = Inputs(read)  # before anything is read: each must be unchanged when the output appears
     check_output(out, checkpoint, force, watched)
     values, labels = _load_adapters(items, allow_nonfinite)
@@ -175,15 +206,37 @@ def _merge(op, base, adapters, out, weights, device, dtype, progress, force, *, 
                 "to a learned magnitude and the original row norms cannot be recovered; merge the adapter into the original base instead"
             )
         ws = [-w for w in ws]
-    jobs, codecs = plan_merge(checkpoint, values, ws, labels=labels, dtype=out_dtype)
+    rounding, calibration, samples, max_len = rounding_options
+    jobs, codecs = plan_merge(checkpoint, values, ws, labels=labels, dtype=out_dtype, rounding=rounding)
+    calibrated = _calibrate(checkpoint, jobs, calibration, samples, max_len, dev, progress)
     result = rewrite(checkpoint, out, jobs, device=dev, progress=progress, force=force, config=_config_editor(out_dtype, codecs), label=op,
                      inputs=watched, allow_nonfinite=allow_nonfinite)
     return MergeReport(
         op=op, base=checkpoint.source, out=str(out), adapters=labels, weights=ws, device=str(dev),
         dtype=str(out_dtype).removeprefix("torch.") if out_dtype else "as base", rows=result.rows,
         tensors=result.tensors_in, bytes_read=result.bytes_read, bytes_written=result.bytes_written,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, rounding=rounding, calibration=calibrated,
     )
+
+
+ROUNDINGS = ("nearest", "gptq")  # how a merge re-quantizes into NF4 (the nf4 codec's encode_many)
+
+
+def _calibrate(checkpoint: Checkpoint, jobs: dict[str, Job], data, samples: int, max_len: int, device, progress: bool) -> dict[str, Any] | None:
+    """Attach calibration Hessians (``extras["H"]``) to the jobs that re-quantize into NF4, in place."""
+    if data is None:
+        return None
+    from .quant.calibration import collect_hessians
+
+    quantized = [n for n, j in jobs.items() if j.compute is _merge_compute and j.info.out_codec.name != DENSE.name]
+    if not quantized:
+        raise AdapterOpsError("calibration only changes merges into a quantized (NF4) base written as NF4; drop --calibration or --dtype")
+    deltas = {n: (j.extras["L"], j.extras["R"]) for n, j in jobs.items() if j.compute is _merge_compute}
+    hessians = collect_hessians(checkpoint, data, quantized, deltas=deltas, samples=samples, max_len=max_len, device=device, progress=progress)
+    for name in quantized:
+        jobs[name] = dataclasses.replace(jobs[name], extras={**jobs[name].extras, "H": hessians[name]})
+    source = str(data) if isinstance(data, (str, os.PathLike)) else "token sequences"
+    return {"source": source, **hessians.summary(), "max_len": max_len}
 
 
 def _load_adapters(items: Sequence[Adapter | str | Path], allow_nonfinite: bool = False) -> tuple[list[Adapter], list[str]]:
@@ -209,11 +262,22 @@ def plan_merge(
     *,
     labels: Sequence[str] | None = None,
     dtype: torch.dtype | None = None,
+    rounding: str = "nearest",
 ) -> tuple[dict[str, Job], set[str]]:
     """The jobs of a merge, and the names of the codecs whose weights are written dense.
 
-    Every adapter is matched against the base; all problems are raised at once.
+    Every adapter is matched against the base; all problems are raised at once. ``rounding``:
+    how weights re-quantized into NF4 are rounded (``ROUNDINGS``).
     """
+    if rounding not in ROUNDINGS:
+        raise AdapterOpsError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+    if rounding != "nearest" and (dtype is not None or not any(c.name != DENSE.name for c, _ in logical_weights(checkpoint).values())):
+        raise AdapterOpsError(
+            f"rounding {rounding!r} chooses NF4 codes, so it needs an NF4 base written as NF4; "
+            "a dense output (--dtype, or a dense base) keeps the whole delta without it"
+        )
+    if rounding != "nearest" and any(a.is_dora for a in adapters):
+        raise UnsupportedOperationError(f"rounding {rounding!r} is not supported for DoRA adapters; merge them with nearest rounding or --dtype bf16")
     labels = list(labels or [f"adapter {i}" for i in range(len(adapters))])
     stored = logical_weights(checkpoint)
     shapes = {w: codec.shape(checkpoint, w) for w, (codec, _) in stored.items()}
@@ -247,7 +311,7 @@ def plan_merge(
     jobs: dict[str, Job] = {}
     for tensor, ts in terms.items():
         codec, members = stored[tensor]
-        jobs[tensor] = _merge_job(codec, members, ts, shapes[tensor], dtype)
+        jobs[tensor] = _merge_job(codec, members, ts, shapes[tensor], dtype, rounding)
     dense_codecs: set[str] = set()
     if dtype is not None:
         for weight, (codec, members) in stored.items():
@@ -261,7 +325,7 @@ def plan_merge(
     return jobs, dense_codecs
 
 
-def _merge_job(codec: Codec, members: tuple[str, ...], terms: list[_Term], shape: tuple[int, ...], dtype: torch.dtype | None) -> Job:
+def _merge_job(codec: Codec, members: tuple[str, ...], terms: list[_Term], shape: tuple[int, ...], dtype: torch.dtype | None, rounding: str = "nearest") -> Job:
     folded = [t.layer.to(device="cpu").folded(t.weight) for t in terms]
     cdt = torch.promote_types(*(f[0].dtype for f in folded)) if len(folded) > 1 else folded[0][0].dtype
     B = torch.cat([f[0].to(cdt) for f in folded], dim=1)  # (out, R), scales folded in
@@ -273,8 +337,9 @@ def _merge_job(codec: Codec, members: tuple[str, ...], terms: list[_Term], shape
     if dora:
         extras["m"] = terms[0].layer.magnitude.to(device="cpu", dtype=cdt)
     out_codec = DENSE if dtype is not None else codec
-    info = _MergeInfo(codec, out_codec, dtype, transposed, dora, A.shape[0])
-    key = None if dora else ("merge", codec.name, out_codec.name, shape, A.shape[0], transposed, dtype, cdt)
+    rounding = rounding if out_codec is not DENSE else "nearest"
+    info = _MergeInfo(codec, out_codec, dtype, transposed, dora, A.shape[0], rounding)
+    key = None if dora else ("merge", codec.name, out_codec.name, shape, A.shape[0], transposed, dtype, cdt, rounding)
     nbytes = math.prod(shape) * dtype.itemsize if dtype is not None else None
     return Job(tuple(members), _merge_compute, extras=extras, key=key, info=info, nbytes=nbytes)
 
@@ -301,17 +366,45 @@ def _merge_compute(tasks: Sequence[Task]) -> list[tuple[dict[str, torch.Tensor],
     else:
         new = W.add_(D)
     d_norm = torch.linalg.vector_norm(D, dim=(-2, -1))  # (G,)
+    H = _hessians(tasks, info, L, R)  # (G, in, in) or None
+    nearest = _encode_batch(info.out_codec, new, tasks, info.dtype) if info.rounding == "nearest" or H is not None else None
+    if info.rounding == "gptq":
+        outputs_, extras_ = info.out_codec.encode_many(new, [t.name for t in tasks], [t.tensors for t in tasks], info.dtype, hessians=H)
+        chosen = list(zip(outputs_, extras_))
+    else:
+        chosen = nearest
     results = []
-    for g, (task, (outputs, extra)) in enumerate(zip(tasks, _encode_batch(info.out_codec, new, tasks, info.dtype))):
+    for g, (task, (outputs, extra)) in enumerate(zip(tasks, chosen)):
         err = _storage_error(info.out_codec, outputs, task.name, new[g])
-        kept = 1.0 if err is None else 1.0 + torch.dot(err.reshape(-1), D[g].reshape(-1)) / d_norm[g] ** 2
         row = {
             "name": task.name, "shape": list(new.shape[1:]), "rank": info.rank,
-            "rel_change": d_norm[g] / w_norm[g], "retained": kept, "delta_norm": d_norm[g], "weight_norm": w_norm[g],
+            "rel_change": d_norm[g] / w_norm[g], "retained": _retained(err, D[g], d_norm[g]), "delta_norm": d_norm[g], "weight_norm": w_norm[g],
             **({"dora": True} if info.dora else {}), **extra,
         }
+        if H is not None:
+            row["output_error"] = relative_output_error(err, D[g], H[g])
+            if info.rounding != "nearest":
+                near_outputs, near_extra = nearest[g]
+                near_err = _storage_error(info.out_codec, near_outputs, task.name, new[g])
+                row.update(retained_nearest=_retained(near_err, D[g], d_norm[g]), output_error_nearest=relative_output_error(near_err, D[g], H[g]),
+                           **{f"{k}_nearest": v for k, v in near_extra.items()})
         results.append((outputs, row))
     return results
+
+
+def _retained(err: torch.Tensor | None, D: torch.Tensor, d_norm: torch.Tensor) -> torch.Tensor | float:
+    """``1 + <err, dW> / ||dW||^2``: the share of the delta a stored weight kept (err = stored - W')."""
+    return 1.0 if err is None else 1.0 + torch.dot(err.reshape(-1), D.reshape(-1)) / d_norm**2
+
+
+def _hessians(tasks: Sequence[Task], info: _MergeInfo, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor | None:
+    """``(G, in, in)``: calibration Hessians when the jobs carry them, the adapter's own for data-free
+    GPTQ, else None (nearest rounding needs none)."""
+    if "H" in tasks[0].extras:
+        return torch.stack([t.extras["H"] for t in tasks]).to(L.dtype)
+    if info.rounding == "gptq":
+        return adapter_hessian(L, R)  # (G, o, R), (G, R, i): the stored delta L @ R
+    return None
 
 
 def _storage_error(codec: Codec, outputs: Mapping[str, torch.Tensor], name: str, W: torch.Tensor) -> torch.Tensor | None:

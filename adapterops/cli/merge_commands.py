@@ -11,7 +11,7 @@ from ..extraction import extract as extract_adapter
 from ..merging import merge as merge_checkpoint
 from ..merging import unmerge as unmerge_checkpoint
 from . import main
-from .quant_commands import retention_warning
+from .quant_commands import retention_warning, rounding_options
 from ._common import (
     allow_nonfinite_option,
     device_option,
@@ -35,6 +35,7 @@ adapter_option = click.option(
     help="An adapter (file or PEFT directory); repeat for several.",
 )
 base_option = click.option("--base", "-b", required=True, help="Base checkpoint: directory, safetensors file or Hub repo id.")
+
 TABLE_ROWS = 10
 
 
@@ -62,6 +63,7 @@ def _render_report(d: dict) -> str:
         lines.append(f"relative change ||dW||/||W||: {_num(t['rel_change'], '.3g')} overall, {_num(t['rel_change_max'], '.3g')} max; "
                      f"delta retained after the cast: {_num(t['retained_min'], '.4g')} min")
     rows = sorted(d["rows"], key=lambda r: -(r.get("rel_change") or 0.0))[:TABLE_ROWS]
+    lines += _rounding_lines(d)
     if rows:
         width = max(len(r["name"]) for r in rows)
         lines += ["", f"{'tensor (largest changes first)':<{width}}  {'shape':>12}  {'rank':>4}  {'rel change':>10}  {'retained':>8}"]
@@ -74,10 +76,23 @@ def _render_report(d: dict) -> str:
     return "\n".join(lines)
 
 
-def _run(fn, base, adapters, weights, output, device, dtype, force, quiet, as_json, allow_nonfinite=False):
+def _rounding_lines(d: dict) -> list[str]:
+    """The NF4 rounding summary: output error (medians over layers) of the chosen rounding and of nearest."""
+    t = d["totals"]
+    if t.get("output_error_median") is None:
+        return []
+    cal = d.get("calibration")
+    source = f"calibration inputs ({cal['sequences']} sequences, {cal['tokens']} tokens)" if cal else "the adapter's input directions (no calibration data)"
+    text = f"rounding {d.get('rounding', 'nearest')}: output error ||(Q - W')X|| / ||dW X|| on {source}, median over layers: {_num(t['output_error_median'], '.3g')}"
+    if t.get("output_error_nearest_median") is not None:
+        text += f" (nearest rounding: {_num(t['output_error_nearest_median'], '.3g')})"
+    return [text]
+
+
+def _run(fn, base, adapters, weights, output, device, dtype, force, quiet, as_json, allow_nonfinite=False, **options):
     refuse_existing(output, force, [base, *adapters])  # the library checks again, with every file of the base
     report = fn(base, list(adapters), output, weights=weights, device=device, dtype=dtype, progress=not quiet and is_tty(), force=force,
-                allow_nonfinite=allow_nonfinite)
+                allow_nonfinite=allow_nonfinite, **options)
     data = report.to_dict()
     note = retention_warning(data)  # NF4 bases: most of a small delta can round away
     if note and not quiet:
@@ -110,13 +125,17 @@ def _merge_options(*, weights_help: str):
 
 @main.command()
 @_merge_options(weights_help="Comma-separated weights, one per adapter (default: 1 each).")
-def merge(base, adapters, weights, output, device, dtype, force, allow_nonfinite, quiet, as_json):
+@rounding_options
+def merge(base, adapters, weights, output, device, dtype, force, allow_nonfinite, quiet, as_json,
+          rounding, calibration, calibration_samples, calibration_max_len):
     """Merge adapters into a base checkpoint: W + sum_i w_i * scale_i * B_i A_i, streaming.
 
     The output keeps the base's shards, index, metadata and side files; tensors without an
-    adapter are copied byte for byte.
+    adapter are copied byte for byte. Into an NF4 base, --rounding gptq chooses the 4-bit codes
+    that keep the adapter's effect on the layer outputs (with --calibration text, or without).
     """
-    _run(merge_checkpoint, base, adapters, _weights(weights, adapters, 1.0), output, device, dtype, force, quiet, as_json, allow_nonfinite)
+    _run(merge_checkpoint, base, adapters, _weights(weights, adapters, 1.0), output, device, dtype, force, quiet, as_json, allow_nonfinite,
+         rounding=rounding, calibration=calibration, calibration_samples=calibration_samples, max_len=calibration_max_len)
 
 
 @main.command()

@@ -15,6 +15,22 @@ RETENTION_WARNING = 0.5
 TABLE_ROWS = 10
 
 
+def rounding_options(fn):
+    """--rounding, --calibration, --calibration-samples, --max-len: how weights are rounded into NF4."""
+    options = (
+        click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default="nearest", show_default=True,
+                     help="NF4 codes: nearest (bitsandbytes') or gptq (error feedback that keeps the layer outputs)."),
+        click.option("--calibration", type=click.Path(), default=None,
+                     help="JSONL text (train's shapes) whose layer inputs gptq keeps (merge without it: the adapter's own input directions)."),
+        click.option("--calibration-samples", type=click.IntRange(min=1), default=128, show_default=True, help="Calibration rows to use."),
+        click.option("--max-len", "calibration_max_len", type=click.IntRange(min=2), default=2048, show_default=True,
+                     help="Tokens per calibration row (longer rows are cut)."),
+    )
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.option("--base", "-b", required=True, help="Base checkpoint: directory, safetensors file or Hub repo id.")
 @output_option("Output directory.")
@@ -26,16 +42,20 @@ TABLE_ROWS = 10
 @allow_nonfinite_option
 @quiet_option
 @json_option
-def quantize(base, output, blocksize, no_double_quant, skip, device, force, allow_nonfinite, quiet, as_json):
+@rounding_options
+def quantize(base, output, blocksize, no_double_quant, skip, device, force, allow_nonfinite, quiet, as_json,
+             rounding, calibration, calibration_samples, calibration_max_len):
     """Quantize a checkpoint's linear weights to NF4 in the bitsandbytes layout, streaming.
 
     The output loads with transformers + bitsandbytes (quantization_config in config.json);
     lm_head, embeddings, norms and every tensor that is not a 2-D weight are copied unchanged.
+    --rounding gptq --calibration data.jsonl chooses the codes that keep the layer outputs.
     """
-    refuse_existing(output, force, [base])  # the library checks again, with every file of the base
+    refuse_existing(output, force, [base, calibration])  # the library checks again, with every file of the base
     report = quantize_checkpoint(
         base, output, blocksize=int(blocksize), double_quant=not no_double_quant, skip=list(skip),
         device=device, progress=not quiet and is_tty(), force=force, allow_nonfinite=allow_nonfinite,
+        rounding=rounding, calibration=calibration, calibration_samples=calibration_samples, max_len=calibration_max_len,
     )
     emit(report.to_dict(), as_json, _render)
 
@@ -49,6 +69,11 @@ def _render(d: dict[str, Any]) -> str:
     ]
     if t["rel_error"] is not None:
         lines.append(f"relative error ||Q(W) - W|| / ||W||: {t['rel_error']:.4g} overall, {t['rel_error_max']:.4g} max")
+    if t.get("output_error_median") is not None:
+        text = f"rounding {d['rounding']}: output error ||(Q(W) - W)X|| / ||W X|| on the calibration inputs, median over layers: {t['output_error_median']:.4g}"
+        if t.get("output_error_nearest_median") is not None:
+            text += f" (nearest rounding: {t['output_error_nearest_median']:.4g})"
+        lines.append(text)
     if d["skipped"]:
         shown = ", ".join(d["skipped"][:3]) + (f" and {len(d['skipped']) - 3} more" if len(d["skipped"]) > 3 else "")
         lines.append(f"left unquantized: {shown}")

@@ -9,7 +9,11 @@ metadata and side files carry over, weights of equal shape are quantized in batc
 ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", ...)`` model.
 
 Each report row gives ``rel_error = ||Q(W) - W|| / ||W||`` (Frobenius; ``Q`` quantize then
-dequantize), the error NF4 adds to that weight.
+dequantize), the error NF4 adds to that weight. With calibration text (``calibration=``) rows
+also carry ``output_error = ||(Q(W) - W) X|| / ||W X||`` for the inputs ``X`` of that layer
+(``adapterops.quant.calibration``); ``rounding="gptq"`` then chooses the codes by error feedback
+on bitsandbytes' own scales (``adapterops.quant.gptq``), and the rows carry nearest rounding's
+``rel_error_nearest`` and ``output_error_nearest`` beside them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import AdapterOpsError, UnsupportedOperationError
 from ..rewrite import Job, Task, check_output, resolve_device, rewrite
+from .gptq import quantize_gptq_many, relative_output_error
 from .nf4 import BLOCKSIZES, FLOAT_DTYPES, dequantize_nf4_many, quantize_nf4_many, to_state_dict
 
 __all__ = ["quantize_checkpoint", "QuantizeReport", "DEFAULT_SKIP", "quantization_config"]
@@ -39,6 +44,7 @@ DEFAULT_SKIP = (r"lm_head", r"embed", r"norm", r"(^|\.)(wte|wpe|shared)$", r"(^|
 class _Settings:
     blocksize: int
     double_quant: bool
+    rounding: str = "nearest"
 
 
 @dataclass
@@ -57,6 +63,8 @@ class QuantizeReport:
     bytes_read: int
     bytes_written: int
     seconds: float
+    rounding: str = "nearest"
+    calibration: dict[str, Any] | None = None
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -77,7 +85,8 @@ class QuantizeReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "op": "quantize", "base": self.base, "out": self.out, "quant_type": "nf4", "blocksize": self.blocksize,
-            "double_quant": self.double_quant, "device": self.device, "totals": self.totals,
+            "double_quant": self.double_quant, "device": self.device, "rounding": self.rounding,
+            "calibration": self.calibration, "totals": self.totals,
             "skipped": self.skipped, "rows": self.rows,
         }
 
@@ -125,15 +134,28 @@ def _select(checkpoint: Checkpoint, skip: Sequence[re.Pattern]) -> tuple[list[st
 def _quantize_compute(tasks: Sequence[Task]) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
     settings: _Settings = tasks[0].job.info
     weights = [t.tensors[t.name] for t in tasks]
-    qs = quantize_nf4_many(weights, blocksize=settings.blocksize, double_quant=settings.double_quant)
+    nearest = quantize_nf4_many(weights, blocksize=settings.blocksize, double_quant=settings.double_quant)
+    H = torch.stack([t.extras["H"] for t in tasks]).float() if "H" in tasks[0].extras else None  # (G, in, in)
+    qs = nearest
+    if settings.rounding == "gptq":
+        qs = quantize_gptq_many(torch.stack([w.float() for w in weights]), H, like=nearest)
     restored = dequantize_nf4_many(qs, dtype=torch.float32)
+    near_restored = dequantize_nf4_many(nearest, dtype=torch.float32) if qs is not nearest else restored
     results = []
-    for task, w, q, r in zip(tasks, weights, qs, restored):
+    for g, (task, w, q, r) in enumerate(zip(tasks, weights, qs, restored)):
         w32 = w.float()
         norm = torch.linalg.vector_norm(w32)
         row = {"name": task.name, "shape": list(w.shape), "rel_error": torch.linalg.vector_norm(r - w32) / norm, "weight_norm": norm}
+        if H is not None:
+            row["output_error"] = relative_output_error(r - w32, w32, H[g])
+            if qs is not nearest:
+                e_near = near_restored[g] - w32
+                row.update(rel_error_nearest=torch.linalg.vector_norm(e_near) / norm, output_error_nearest=relative_output_error(e_near, w32, H[g]))
         results.append((to_state_dict(q, task.name), row))
     return results
+
+
+ROUNDINGS = ("nearest", "gptq")
 
 
 def quantize_checkpoint(
@@ -147,16 +169,30 @@ def quantize_checkpoint(
     progress: bool = True,
     force: bool = False,
     allow_nonfinite: bool = False,
+    rounding: str = "nearest",
+    calibration: str | Path | Sequence[Sequence[int]] | None = None,
+    calibration_samples: int = 128,
+    max_len: int = 2048,
 ) -> QuantizeReport:
     """Write ``base`` with its linear weights in NF4 to ``out`` (a directory), streaming.
 
     ``skip``: regular expressions; a weight whose module path (its name without ``.weight``)
     matches one stays unquantized, in addition to ``DEFAULT_SKIP``. ``double_quant``: store the
-    block scales in 8 bits too (QLoRA's double quantization). Everything is checked before
-    anything is written; the output appears only when complete, and not at all when a quantized
-    weight holds NaN/Inf (unless ``allow_nonfinite``) or the base changed meanwhile.
+    block scales in 8 bits too (QLoRA's double quantization). ``rounding``: ``"nearest"``
+    (bitsandbytes') or ``"gptq"``, which needs ``calibration``: a JSONL file in ``train``'s shapes
+    (or token id sequences), its first ``calibration_samples`` rows cut to ``max_len`` tokens.
+    Everything is checked before anything is written; the output appears only when complete, and
+    not at all when a quantized weight holds NaN/Inf (unless ``allow_nonfinite``) or the base
+    changed meanwhile.
     """
     start = time.perf_counter()
+    if rounding not in ROUNDINGS:
+        raise AdapterOpsError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+    if rounding == "gptq" and calibration is None:
+        raise AdapterOpsError(
+            "rounding 'gptq' needs calibration text when quantizing a dense model (pass calibration=, or --calibration on the "
+            "command line); only a merge has an adapter whose directions can stand in for data"
+        )
     if blocksize not in BLOCKSIZES:
         raise AdapterOpsError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize}")
     checkpoint = Checkpoint(base)
@@ -174,14 +210,20 @@ def quantize_checkpoint(
     chosen, left = _select(checkpoint, _compile([*DEFAULT_SKIP, *skip]))
     if not chosen:
         raise AdapterOpsError(f"{checkpoint.source}: no 2-D float16/bfloat16/float32 weight to quantize (after the skip patterns)")
-    settings = _Settings(blocksize, double_quant)
+    settings = _Settings(blocksize, double_quant, rounding)
+    hessians = None
+    if calibration is not None:
+        from .calibration import collect_hessians
+
+        hessians = collect_hessians(checkpoint, calibration, chosen, samples=calibration_samples, max_len=max_len, device=dev, progress=progress)
     jobs = {}
     for name in chosen:
         shape = checkpoint.shape(name)
         n = math.prod(shape)
         blocks = -(-n // blocksize)
         nbytes = (n + 1) // 2 + (blocks + 4 * -(-blocks // 256) + 1024 + 256 if double_quant else 4 * blocks + 256) + 64
-        jobs[name] = Job((name,), _quantize_compute, key=("nf4-quantize", shape, checkpoint.entry(name).dtype), info=settings, nbytes=nbytes)
+        extras = {} if hessians is None else {"H": hessians[name]}
+        jobs[name] = Job((name,), _quantize_compute, extras=extras, key=("nf4-quantize", shape, checkpoint.entry(name).dtype), info=settings, nbytes=nbytes)
     dtype = checkpoint.dtype(chosen[0])
     config = checkpoint.config() or {}
     compute = str(config.get("dtype") or config.get("torch_dtype") or FLOAT_DTYPES[dtype])
@@ -193,11 +235,14 @@ def quantize_checkpoint(
     def edit(cfg: dict[str, Any]) -> dict[str, Any]:
         return {**cfg, "quantization_config": qconfig}
 
-    result = rewrite(checkpoint, out, jobs, device=dev, progress=progress, force=force, config=edit, label="quantize", allow_nonfinite=allow_nonfinite)
+    result = rewrite(checkpoint, out, jobs, device=dev, progress=progress, force=force, config=edit, label="quantize", allow_nonfinite=allow_nonfinite,
+                     inputs=[calibration] if isinstance(calibration, (str, Path)) else ())
     order = {name: i for i, name in enumerate(chosen)}
     rows = sorted(result.rows, key=lambda r: order[r["name"]])
     return QuantizeReport(
         base=checkpoint.source, out=str(out), blocksize=blocksize, double_quant=double_quant, device=str(dev),
         rows=rows, skipped=left, tensors=result.tensors_in, bytes_read=result.bytes_read,
-        bytes_written=result.bytes_written, seconds=time.perf_counter() - start,
+        bytes_written=result.bytes_written, seconds=time.perf_counter() - start, rounding=rounding,
+        calibration=None if hessians is None else {"source": str(calibration) if isinstance(calibration, (str, Path)) else "token sequences",
+                                                   **hessians.summary(), "max_len": max_len},
     )

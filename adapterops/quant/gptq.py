@@ -122,9 +122,9 @@ def gptq_codes(
     perm = None
     if act_order:
         perm = torch.argsort(diag, dim=-1, descending=True)  # (G, in)
-        rows = perm[:, :, None].expand(G, n, out)
-        Wt, S, inv = Wt.gather(1, rows), S.gather(1, rows), inv.gather(1, rows)
-        H = H.gather(1, perm[:, :, None].expand(G, n, n)).gather(2, perm[:, None, :].expand(G, n, n))
+        pick = lambda t: torch.stack([t_g.index_select(0, p) for t_g, p in zip(t, perm)])  # noqa: E731  (rows of each weight)
+        Wt, S, inv = pick(Wt), pick(S), pick(inv)
+        H = torch.stack([h.index_select(0, p).index_select(1, p) for h, p in zip(H, perm)])
     S, inv = S.contiguous(), inv.contiguous()
     U = _inverse_cholesky(H, damp)  # (G, in, in)
     code = _on(W.device, "nf4").to(cdt)
