@@ -2,7 +2,9 @@
 
 Each format module provides ``sniff(path) -> bool``, ``read(path) -> Adapter`` and
 ``write(adapter, path)`` (``path`` is a fresh temporary location; atomicity is handled here).
-Only safetensors and JSON are ever parsed.
+A format laid out for one base model (gguf: llama.cpp's tensor names and row order) sets
+``USES_BASE = True``; its ``read`` and ``write`` then also take ``base=``. Only safetensors, JSON
+and GGUF are ever parsed.
 """
 
 from __future__ import annotations
