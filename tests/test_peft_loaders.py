@@ -172,6 +172,6 @@ def test_written_config_is_a_valid_peft_lora_config(tmp_path):
     loaded = peft.LoraConfig.from_pretrained(tmp_path / "p")
     assert loaded.task_type == "CAUSAL_LM" and loaded.base_model_name_or_path == "org/base"
     defaults = peft.LoraConfig().to_dict()
-    for key in ("use_rslora", "fan_in_fan_out", "lora_dropout", "bias", "lora_bias", "init_lora_weights", "modules_to_save"):
+    for key in ("use_rslora", "fan_in_fan_out", "lora_dropout", "bias", "init_lora_weights", "modules_to_save"):
         assert config[key] == defaults[key], key
     assert set(PEFT_TASK_TYPES) == {t.value for t in peft.TaskType}
