@@ -286,6 +286,9 @@ def test_cli_merge_with_gptq(tiny, tmp_path):
     text = CliRunner().invoke(main, ["merge", "--base", str(nf4), "--adapter", str(tmp_path / "a.st"), "--out", str(tmp_path / "out2"),
                                      "--rounding", "gptq", "--quiet"])
     assert text.exit_code == 0 and "gptq" in text.output and "nearest" in text.output
+    adapter_for(nf4, scale=0.001).save(tmp_path / "small.st")
+    nearest = CliRunner().invoke(main, ["merge", "--base", str(nf4), "--adapter", str(tmp_path / "small.st"), "--out", str(tmp_path / "near")])
+    assert nearest.exit_code == 0 and "--rounding gptq" in nearest.stderr  # the retention warning points to it
     rows = [json.dumps({"text": "hello"})]
     (tmp_path / "cal.jsonl").write_text("\n".join(rows) + "\n")
     bad = CliRunner().invoke(main, ["merge", "--base", str(nf4), "--adapter", str(tmp_path / "a.st"), "--out", str(tmp_path / "out3"),

@@ -96,5 +96,8 @@ def retention_warning(report: dict[str, Any], threshold: float = RETENTION_WARNI
         f"warning: re-quantizing to NF4 kept less than {threshold:.0%} of the adapter's change in {len(low)} of {len(rows)} "
         f"merged weights (median kept {kept[len(kept) // 2]:.1%}, median 4-bit codes changed {changed[len(changed) // 2]:.2%}); "
         "the merged model stays close to the base. For a merge that keeps the whole delta, write a dequantized model "
-        "with --dtype bf16 (or fp16)."
+        "with --dtype bf16 (or fp16)" + (
+            "; to stay in 4 bits, --rounding gptq [--calibration data.jsonl] keeps most of the adapter's effect."
+            if report.get("rounding", "nearest") == "nearest" else "."
+        )
     )
