@@ -31,7 +31,7 @@ limit_option = click.option("--limit", type=click.IntRange(min=1), default=None,
 @click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True, help="Top singular vectors of W + dW to test.")
 @click.option("--epsilon", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True, help="A vector whose best |cosine| with the base's singular vectors is below this is an intruder.")
 @click.option("--plot", type=click.Path(), default=None, help="Also draw the diagnosis into this PNG (needs matplotlib: pip install 'adapterops[plot]').")
-@click.option("--cache-dir", type=click.Path(), default=None, help="Where base SVDs are cached (default: $ADAPTEROPS_CACHE/svd or ~/.cache/adapterops/svd).")
+@click.option("--cache-dir", type=click.Path(), default=None, help="Where base SVDs are cached (default: $ADAPTEROPS_CACHE/svd, else $XDG_CACHE_HOME/adapterops/svd or ~/.cache/adapterops/svd; at most $ADAPTEROPS_CACHE_MAX_GB, default 32, least recently used entries go first).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the base SVD cache.")
 @limit_option
 @device_option
