@@ -27,3 +27,6 @@ def dataset(n: int = 22, seed: int = 0) -> list[dict]:
         prefix = torch.randint(0, VOCAB, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
         rows.append({"input_ids": prefix + TAIL, "labels": [IGNORE] * len(prefix) + TAIL})
     return rows
+
+
+EVAL = {"eval_data": dataset(6, seed=1), "eval_every": 3}  # train_lora options both sides evaluate with

@@ -1,5 +1,6 @@
 """Data-parallel train_lora under torchrun (two processes, gloo on the CPU) against one process
-with the same global batch: the same losses and adapter, and checkpoints that resume in either."""
+with the same global batch: the same losses and adapter, and checkpoints that resume in either;
+DDP and FSDP2 (the base sharded, dense and NF4, with gradient checkpointing)."""
 
 import json
 import os
@@ -14,26 +15,26 @@ import torch
 from adapterops import load
 from adapterops.train import add_lora, train_lora
 
-from distributed_data import dataset, tiny_llama
+from distributed_data import EVAL, dataset, tiny_llama
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
 
-def torchrun(out: Path, nproc: int, batch: int, steps: int, resume: Path | None = None) -> list[float]:
+def torchrun(out: Path, nproc: int, batch: int, steps: int, resume: Path | None = None, *extra: str) -> list[float]:
     with socket.socket() as s:  # a free port on loopback for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={port}", str(WORKER), str(out), str(batch), str(steps)] + ([str(resume)] if resume else [])
+           f"--master-port={port}", str(WORKER), str(out), str(batch), str(steps), *extra] + (["--resume", str(resume)] if resume else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "losses.json").read_text())
 
 
-def single(batch: int, steps: int, **kwargs):
+def single(batch: int, steps: int, quantize: str | None = None, **kwargs):
     torch.set_num_threads(1)
     model = tiny_llama()
-    add_lora(model, rank=4, alpha=8, seed=1)
+    add_lora(model, rank=4, alpha=8, seed=1, quantize=quantize)
     return train_lora(model, dataset(), lr=5e-3, batch_size=batch, steps=steps, seed=2, warmup=2, **kwargs)
 
 
@@ -81,6 +82,74 @@ def test_a_different_batch_per_process_cannot_resume(two_process_run):
         single(batch=4, steps=9, resume_from=out / "ckpt" / "step-00000004")
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    losses = torchrun(out, 2, 3, 9, None, "--strategy", "fsdp", "--checkpointing", "--eval", "--nf4-steps", "3")
+    return out, losses
+
+
+def test_fsdp_two_processes_equal_one_with_the_global_batch(fsdp_run):
+    out, losses = fsdp_run
+    reference = single(batch=6, steps=9, **EVAL)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference.losses), rtol=1e-5, atol=1e-6)
+    evals = json.loads((out / "eval_losses.json").read_text())  # every process ran the (collective) evaluation
+    assert [s for s, _ in evals] == [s for s, _ in reference.eval_losses] == [3, 6, 9]
+    torch.testing.assert_close(torch.tensor([v for _, v in evals]), torch.tensor([v for _, v in reference.eval_losses]), rtol=1e-5, atol=1e-6)
+    assert_same_adapter(load(out / "adapter.st"), reference.adapter)
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == [f"step-{s:08d}" for s in (2, 4, 6, 8, 9)]
+    resumed = single(batch=6, steps=9, resume_from=out / "ckpt" / "step-00000006", **EVAL)
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    assert_same_adapter(resumed.adapter, reference.adapter)
+
+
+def test_fsdp_shards_the_nf4_base_and_trains_as_one_process(fsdp_run):
+    out, _ = fsdp_run
+    reference = single(batch=6, steps=3, quantize="nf4")
+    losses = json.loads((out / "nf4_losses.json").read_text())
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference.losses), rtol=1e-5, atol=1e-6)
+    assert_same_adapter(load(out / "nf4.st"), reference.adapter)
+
+
+def test_fsdp_shards_every_block_and_the_nf4_storage():
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from adapterops.train.distributed import shard_model
+    from adapterops.train.inject import lora_modules
+
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        model = tiny_llama()
+        add_lora(model, rank=4, alpha=8, seed=1, quantize="nf4")
+        lora = [p for p in model.parameters() if p.requires_grad]
+        shard_model(model, lora)
+        assert isinstance(model, FSDPModule) and all(isinstance(b, FSDPModule) for b in model.model.layers)
+        base = next(iter(lora_modules(model).values())).base
+        assert isinstance(base.codes, DTensor) and base.codes.dtype == torch.uint8 and not base.codes.requires_grad
+        assert isinstance(model.lm_head.weight, DTensor)
+        assert not any(isinstance(p, DTensor) for p in lora)  # the factors stay replicated
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp_refuses_the_fused_paths():
+    from adapterops.errors import AdapterOpsError
+    from adapterops.train.loop import _fsdp_options
+
+    assert _fsdp_options(None, False) is False
+    for fused_loss, fuse in ((True, False), (None, True)):
+        with pytest.raises(AdapterOpsError, match="strategy='fsdp' shards"):
+            _fsdp_options(fused_loss, fuse)
+
+
+def test_unknown_strategy_is_refused():
+    from adapterops.errors import AdapterOpsError
+
+    with pytest.raises(AdapterOpsError, match="choose one of ddp, fsdp"):
+        single(batch=2, steps=1, strategy="zero3")
+
+
 def test_train_command_launches_torchrun_itself(smollm2_dir, tmp_path):
     import shutil
 
@@ -93,9 +162,10 @@ def test_train_command_launches_torchrun_itself(smollm2_dir, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completion": " yes" * (1 + i % 3)}) + "\n" for i in range(10)))
     exe = Path(sys.executable).with_name("adapterops")
-    common = ["train", "--base", base, "--data", data, "--rank", 4, "--steps", 3, "--lr", 5e-3, "--seed", 1, "--json", "-q"]
+    common = ["train", "--base", base, "--data", data, "--rank", 4, "--steps", 3, "--lr", 5e-3, "--seed", 1, "--qlora", "--json", "-q"]
     runs = {}
-    for label, extra in (("two", ["--nproc", 2, "--batch-size", 3]), ("one", ["--batch-size", 6])):
+    # --strategy travels through the relaunch: two processes sharding a QLoRA base, against one
+    for label, extra in (("two", ["--nproc", 2, "--batch-size", 3, "--strategy", "fsdp"]), ("one", ["--batch-size", 6])):
         out = tmp_path / f"{label}.st"
         done = subprocess.run([str(exe), *map(str, common), "-o", out, *map(str, extra)], capture_output=True, text=True,
                               timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -86,12 +86,15 @@ def _render(d: dict) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the LoRA init, the data order and dropout.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Data-parallel processes on this machine (one per GPU): runs this command under torchrun; --batch-size is per process.")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None,
+              help="Under torchrun: ddp replicates the base (default); fsdp shards it over the processes (FSDP2, QLoRA too).")
 @force_option
 @quiet_option
 @json_option
 def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rslora, init, lr, lr_ratio, epochs, steps,
           batch_size, grad_accum, max_len, packing, warmup, weight_decay, max_grad_norm, eval_every, qlora,
-          gradient_checkpointing, compile_, fuse, dtype, device, checkpoint_dir, save_every, resume, seed, nproc, force, quiet, as_json):
+          gradient_checkpointing, compile_, fuse, dtype, device, checkpoint_dir, save_every, resume, seed, nproc, strategy, force, quiet,
+          as_json):
     """Train a LoRA adapter on the --base model with the JSONL --data; write it to -o.
 
     \b
@@ -144,7 +147,7 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
         grad_accum=grad_accum, max_grad_norm=max_grad_norm, warmup=warmup_value, weight_decay=weight_decay,
         eval_every=eval_every, seed=seed, gradient_checkpointing=gradient_checkpointing, compile=compile_,
         checkpoint_dir=checkpoint_dir or resume, save_every=save_every, resume_from=resume, progress=not quiet,
-        tokenizer=tokenizer, fuse=fuse,
+        tokenizer=tokenizer, fuse=fuse, strategy=strategy,
     )
     if rank_ != 0:
         return

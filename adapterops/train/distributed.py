@@ -18,6 +18,21 @@ group torchrun describes (NCCL on CUDA, gloo on the CPU) and, on CUDA, moves to 
   the same files one process writes, with the global batch size in its settings, so a run resumes
   under any number of processes that gives the same global batch.
 
+``strategy="fsdp"`` (FSDP2, ``torch.distributed.fsdp.fully_shard``) keeps all of that and shards
+the frozen base as well (``shard_model``): every decoder block, and the root for what is left
+(embeddings, final norm, output head), holds ``1/N`` of its frozen weights and gathers the whole
+block just before its forward (and again for its backward, recomputation under gradient
+checkpointing included), freeing it right after. A QLoRA base is sharded in its 4-bit form: the
+NF4 codes and the block scales become frozen parameters FSDP shards (uint8 shards like any other
+dtype). The LoRA factors are left out of the sharding (``ignored_params``): they are small (a
+rank-16 adapter of a 70B model is under 1 GB in float32), and replicated factors keep everything
+above unchanged: one all-reduce of their gradients, identical optimizer steps, and a checkpoint on
+process 0 that is the full factors, the same files one process writes. Every process runs the
+evaluation (its forward needs every process's shards); the fused head + loss
+(``adapterops.train.loss``) and fused LoRA groups (``adapterops.train.fused``) read frozen
+weights outside a block's forward, so they are off under FSDP. The model stays sharded after the
+run (its modules are FSDP modules); ``train_lora``'s result holds the full adapter.
+
 One process with batch ``2b`` and two with ``b`` each compute the same steps, up to the order of
 floating-point sums. Multi-node runs are torchrun's own flags (``--nnodes``, ``--rdzv-endpoint``,
 ...); nothing here depends on the topology.
@@ -28,12 +43,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 import torch
+from torch import nn
 
 from ..errors import AdapterOpsError
 
-__all__ = ["STRATEGIES", "World", "world", "check_replicas"]
+__all__ = ["STRATEGIES", "World", "world", "check_replicas", "decoder_blocks", "shard_model"]
 
-STRATEGIES = ("ddp",)
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -42,10 +58,16 @@ class World:
 
     rank: int = 0
     size: int = 1
+    strategy: str = "ddp"
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the frozen base is sharded over the processes (FSDP): every forward is collective."""
+        return self.size > 1 and self.strategy == "fsdp"
 
     def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This process's rows of a global micro-batch (as even a split as the row count allows)."""
@@ -113,7 +135,7 @@ def world(strategy: str | None, device: torch.device) -> World:
         if device.type == "cuda":
             torch.cuda.set_device(local)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return World(rank=dist.get_rank(), size=dist.get_world_size())
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), strategy=strategy or "ddp")
 
 
 def check_replicas(world_: World, params: list[torch.Tensor]) -> None:
@@ -130,6 +152,46 @@ def check_replicas(world_: World, params: list[torch.Tensor]) -> None:
         raise AdapterOpsError(
             f"process {world_.rank} starts from other LoRA factors than process 0; give add_lora the same seed in every process"
         )
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules of the longest ``nn.ModuleList`` of same-type blocks (a decoder's layers), or []."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1]
+    return list(max(lists, key=len)) if lists else []
+
+
+# NF4Linear's storage that FSDP shards (1-D, the size of the weight / 2 and / blocksize); the
+# scalar offset and the 256-entry nested code table stay replicated buffers.
+_NF4_SHARDED = ("codes", "absmax", "nested_absmax")
+
+
+def shard_model(model: nn.Module, trained: list[nn.Parameter]) -> None:
+    """Shard ``model``'s frozen weights over the processes with FSDP2, in place (``strategy="fsdp"``).
+
+    ``fully_shard`` on every decoder block, then on the root; ``trained`` (the LoRA factors) stays
+    replicated. NF4 bases are sharded in their 4-bit storage, turned into frozen parameters first.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from .layers import NF4Linear
+
+    blocks = decoder_blocks(model)
+    if not blocks:
+        raise AdapterOpsError(
+            f"strategy='fsdp' shards a model block by block, and {type(model).__name__} has no list of repeated "
+            "blocks (decoder layers); train it with strategy='ddp'"
+        )
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            for name in _NF4_SHARDED:
+                tensor = module._buffers.get(name)
+                if tensor is not None:
+                    del module._buffers[name]
+                    module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+    ignored = set(trained)
+    for block in blocks:
+        fully_shard(block, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
 
 
 def _comm_device() -> torch.device:

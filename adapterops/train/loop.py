@@ -151,7 +151,9 @@ def train_lora(
 
     Under ``torchrun`` every process runs this same call (``strategy="ddp"``, the default there):
     ``batch_size`` rows per process, the LoRA gradients summed over processes, only process 0
-    logging, evaluating and saving (``adapterops.train.distributed``).
+    logging, evaluating and saving (``adapterops.train.distributed``). ``strategy="fsdp"`` also
+    shards the frozen base (NF4 included) over the processes with FSDP2, block by block; the
+    model stays sharded afterwards.
     """
     modules = lora_modules(model)
     if not modules:
@@ -200,6 +202,9 @@ def train_lora(
     else:
         torch.manual_seed(seed)
 
+    if dp.sharded:
+        fused_loss = _fsdp_options(fused_loss, fuse)
+        distributed.shard_model(model, a_params + b_params)
     compute_loss = loss_fn(model, fused=fused_loss)
     auto_compile = compile is None
     compiled = compile_blocks(model) if (_compile_by_default(device) if auto_compile else compile) else []
@@ -256,7 +261,7 @@ def train_lora(
             rate = steady_tokens / steady_seconds if steady_seconds else tokens / seconds if seconds else 0.0
             info = {"step": done, "total_steps": total, "loss": step_loss, "lr": lr * scale, "grad_norm": grad_norm,
                     "tokens": tokens, "tokens_per_second": rate, "warmup_seconds": warmup_seconds}
-            if dp.main and evals is not None and ((eval_every and done % eval_every == 0) or done == total):
+            if (dp.main or dp.sharded) and evals is not None and ((eval_every and done % eval_every == 0) or done == total):
                 info["eval_loss"] = evaluate(model, evals, batch_size=batch_size, bf16=use_bf16, pad_id=pad_id, fused_loss=fused_loss)
                 eval_losses.append((done, info["eval_loss"]))
             bar.update(info)
@@ -421,6 +426,14 @@ def _check_resume(saved: ckpt.Checkpoint, settings: dict[str, Any]) -> None:
         )
 
 
+def _fsdp_options(fused_loss: bool | None, fuse: bool) -> bool:
+    """The fused loss setting under FSDP (off), refusing the fused paths, which read sharded weights."""
+    if fused_loss or fuse:
+        what = "fused_loss=True" if fused_loss else "fuse=True"
+        raise AdapterOpsError(f"{what} reads frozen weights that strategy='fsdp' shards; leave it off under FSDP")
+    return False
+
+
 def _compile_by_default(device: torch.device) -> bool:
     return device.type == "cuda"
 
@@ -443,8 +456,7 @@ def compile_blocks(model: nn.Module) -> list[nn.Module]:
     """``torch.compile`` each module of the longest ``nn.ModuleList`` of same-type blocks (a
     decoder's layers: one compiled graph serves them all), else the whole model; in place.
     Returns the compiled modules."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1]
-    blocks = list(max(lists, key=len)) if lists else [model]
+    blocks = distributed.decoder_blocks(model) or [model]
     for block in blocks:
         block.compile()
     return blocks
