@@ -151,7 +151,7 @@ def print_kernel(results: list[dict], device: str) -> None:
     for r in results:
         print(f"{r['layers']:<14} {r['shape']:>11} {r['count']:>6} {r['nearest_s']:>10.4f} {r['gptq_s']:>8.3f} "
               f"{r['gptq_s'] / r['nearest_s']:>6.0f}x {r['gptq_model_s']:>20.1f}")
-    print(f"GPTQ for all 224 linears: {sum(r['gptq_model_s'] for r in results):.1f} s")
+    print(f"GPTQ for all {sum(r['count'] for r in results)} linears: {sum(r['gptq_model_s'] for r in results):.1f} s")
 
 
 def main() -> None:
