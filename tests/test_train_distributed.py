@@ -15,7 +15,7 @@ import torch
 from adapterops import load
 from adapterops.train import add_lora, train_lora
 
-from distributed_data import EVAL, dataset, tiny_llama
+from distributed_data import EVAL, NF4_ROWS, dataset, tiny_llama
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
@@ -31,11 +31,11 @@ def torchrun(out: Path, nproc: int, batch: int, steps: int, resume: Path | None 
     return json.loads((out / "losses.json").read_text())
 
 
-def single(batch: int, steps: int, quantize: str | None = None, **kwargs):
+def single(batch: int, steps: int, quantize: str | None = None, rows: int = 22, **kwargs):
     torch.set_num_threads(1)
     model = tiny_llama()
     add_lora(model, rank=4, alpha=8, seed=1, quantize=quantize)
-    return train_lora(model, dataset(), lr=5e-3, batch_size=batch, steps=steps, seed=2, warmup=2, **kwargs)
+    return train_lora(model, dataset(rows), lr=5e-3, batch_size=batch, steps=steps, seed=2, warmup=2, **kwargs)
 
 
 def assert_same_adapter(a, b):
@@ -104,8 +104,8 @@ def test_fsdp_two_processes_equal_one_with_the_global_batch(fsdp_run):
 
 
 def test_fsdp_shards_the_nf4_base_and_trains_as_one_process(fsdp_run):
-    out, _ = fsdp_run
-    reference = single(batch=6, steps=3, quantize="nf4")
+    out, _ = fsdp_run  # its 3rd step has one row: process 1 runs a row without trained tokens alongside
+    reference = single(batch=6, steps=3, quantize="nf4", rows=NF4_ROWS)
     losses = json.loads((out / "nf4_losses.json").read_text())
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference.losses), rtol=1e-5, atol=1e-6)
     assert_same_adapter(load(out / "nf4.st"), reference.adapter)
@@ -131,6 +131,17 @@ def test_fsdp_shards_every_block_and_the_nf4_storage():
         assert not any(isinstance(p, DTensor) for p in lora)  # the factors stay replicated
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_an_fsdp_process_without_rows_gets_one_without_trained_tokens():
+    from adapterops.train import IGNORE
+    from adapterops.train.distributed import World
+
+    batch = {"input_ids": torch.tensor([[4, 5, 6]]), "labels": torch.tensor([[4, 5, 6]]), "attention_mask": torch.ones(1, 3)}
+    assert World(rank=0, size=2, strategy="ddp").shard(batch)["input_ids"].shape[0] == 0
+    stand_in = World(rank=0, size=2, strategy="fsdp").shard(batch)
+    assert torch.equal(stand_in["input_ids"], batch["input_ids"]) and bool((stand_in["labels"] == IGNORE).all())
+    assert torch.equal(World(rank=1, size=2, strategy="fsdp").shard(batch)["labels"], batch["labels"])
 
 
 def test_fsdp_refuses_the_fused_paths():

@@ -149,6 +149,8 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
         checkpoint_dir=checkpoint_dir or resume, save_every=save_every, resume_from=resume, progress=not quiet,
         tokenizer=tokenizer, fuse=fuse, strategy=strategy,
     )
+    if torch.distributed.is_initialized():  # train_lora joined torchrun's group; left up, gloo can abort the exit
+        torch.distributed.destroy_process_group()
     if rank_ != 0:
         return
     adapter = result.adapter.to(device="cpu").with_metadata(base_model=str(base))

@@ -27,8 +27,9 @@ NF4 codes and the block scales become frozen parameters FSDP shards (uint8 shard
 dtype). The LoRA factors are left out of the sharding (``ignored_params``): they are small (a
 rank-16 adapter of a 70B model is under 1 GB in float32), and replicated factors keep everything
 above unchanged: one all-reduce of their gradients, identical optimizer steps, and a checkpoint on
-process 0 that is the full factors, the same files one process writes. Every process runs the
-evaluation (its forward needs every process's shards); the fused head + loss
+process 0 that is the full factors, the same files one process writes. Every forward needs every
+process's shards, so every process runs the evaluation, and one that a short last batch leaves
+without rows runs a row without trained tokens (loss and gradients 0); the fused head + loss
 (``adapterops.train.loss``) and fused LoRA groups (``adapterops.train.fused``) read frozen
 weights outside a block's forward, so they are off under FSDP. The model stays sharded after the
 run (its modules are FSDP modules); ``train_lora``'s result holds the full adapter.
@@ -70,11 +71,19 @@ class World:
         return self.size > 1 and self.strategy == "fsdp"
 
     def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This process's rows of a global micro-batch (as even a split as the row count allows)."""
+        """This process's rows of a global micro-batch (as even a split as the row count allows).
+
+        Under FSDP a process left without rows (a short last batch) still has to take part in every
+        forward and backward: it gets one row with no trained token, whose loss and gradients are 0.
+        """
         if self.size == 1:
             return batch
         rows = next(iter(batch.values())).shape[0]
         lo, hi = rows * self.rank // self.size, rows * (self.rank + 1) // self.size
+        if lo == hi and self.sharded:
+            from .data import IGNORE
+
+            return {k: torch.full_like(v[:1], IGNORE) if k == "labels" else v[:1] for k, v in batch.items()}
         return {k: v[lo:hi] for k, v in batch.items()}
 
     def all_reduce_grads(self, params: list[torch.Tensor]) -> None:
