@@ -207,3 +207,14 @@ def test_nf4_linear_stores_four_bits_and_moves_with_the_module():
     assert torch.equal(layer.dequantize(), before)
     layer.bias.data = dense.bias.detach().clone()
     torch.testing.assert_close(layer(torch.ones(1, 256)), torch.ones(1, 256) @ layer.dequantize().T + dense.bias)
+
+
+def test_nf4_linear_casts_leave_its_storage_alone_when_it_is_held_as_parameters():
+    layer = NF4Linear.from_linear(nn.Linear(256, 64))
+    before = layer.dequantize()
+    for name in ("codes", "absmax"):  # as FSDP2 holds them: frozen parameters instead of buffers
+        tensor = layer._buffers.pop(name)
+        layer.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+    layer.to(torch.bfloat16)
+    assert layer.codes.dtype == torch.uint8 and isinstance(layer.codes, nn.Parameter) and not layer.codes.requires_grad
+    assert torch.equal(layer.dequantize(), before)

@@ -66,9 +66,10 @@ class NF4Linear(nn.Module):
         before = {n: t for n in self._TENSORS if (t := getattr(self, n)) is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
-            new = self._buffers[name]
+            store = self._buffers if name in self._buffers else self._parameters  # FSDP keeps them as frozen parameters
+            new = store[name]
             if new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
+                store[name] = old.to(new.device) if store is self._buffers else torch.nn.Parameter(old.to(new.device), requires_grad=False)
         _warm_nf4_tables(self.codes.device)
         return self
 
