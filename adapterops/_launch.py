@@ -4,7 +4,7 @@
 before torch does. It imports the command line with Ctrl-C deferred: a KeyboardInterrupt raised
 inside torch's C++ start-up can abort the process (``terminate called after throwing ...``), so
 during the import SIGINT only sets a flag, and a flagged start exits 130 with one line, as an
-interrupted command does.
+interrupted command does. Once the command has finished, a Ctrl-C no longer changes its exit status.
 """
 
 import signal
@@ -29,4 +29,10 @@ def main() -> None:
     if interrupted:
         sys.stderr.write("Error: interrupted\n")
         raise SystemExit(130)
-    cli()
+    try:
+        cli()
+    finally:
+        # The command is over (its exit status is decided). The interpreter's shutdown would put
+        # SIGINT back to the default action, so a late Ctrl-C would kill the process instead of
+        # letting it exit with that status; an ignored SIGINT stays ignored through shutdown.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
