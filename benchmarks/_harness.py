@@ -33,6 +33,7 @@ __all__ = [
     "cli",
     "drop_page_cache",
     "describe_device",
+    "device_name",
     "is_linear",
     "llama_config",
     "llama_tensors",
@@ -349,6 +350,15 @@ def resolve_dims(args: argparse.Namespace, sizes: dict[str, dict]) -> tuple[str,
     dims = dict(sizes[args.size or ("7b" if device.startswith("cuda") else "small")])
     dims.update({k: getattr(args, k) for k in dims if getattr(args, k) is not None})
     return device, dims
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or ``cpu (N cores)``: how the training benchmarks label their runs."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({os.cpu_count()} cores)"
 
 
 def describe_device(device: str) -> str:

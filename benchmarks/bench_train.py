@@ -33,6 +33,8 @@ from contextlib import nullcontext
 
 import torch
 
+from _harness import device_name
+
 IMPLS = ["peft", "peft+autocast", "adapterops-loop", "adapterops", "adapterops+compile"]
 MODES = ["lora", "lora-gc", "qlora"]
 BIG = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000, batch=8, seq=1024, device="cuda", dtype="bf16")
@@ -241,7 +243,7 @@ def main() -> None:
     print(_table(cfg, rows))
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as f:
-            json.dump({"config": cfg, "device_name": _device_name(cfg["device"]), "rows": rows}, f, indent=2)
+            json.dump({"config": cfg, "device_name": device_name(cfg["device"]), "rows": rows}, f, indent=2)
 
 
 def _ratios(rows: list[dict]) -> None:
@@ -267,7 +269,7 @@ def _format(r: dict) -> str:
 def _table(cfg: dict, rows: list[dict]) -> str:
     memory = "peak GB (cuda allocated)" if cfg["device"].startswith("cuda") else "peak GB (max RSS)"
     head = (f"Llama-shaped h={cfg['hidden']} i={cfg['intermediate']} L={cfg['layers']} V={cfg['vocab']}, "
-            f"batch {cfg['batch']} x {cfg['seq']}, all-linear r={cfg['rank']}, {cfg['dtype']}, {_device_name(cfg['device'])}")
+            f"batch {cfg['batch']} x {cfg['seq']}, all-linear r={cfg['rank']}, {cfg['dtype']}, {device_name(cfg['device'])}")
     lines = [head, "", f"{'mode':<8} {'impl':<19} {'tokens/s':>10} {'x best peft':>11} {memory:>26} {'x best peft':>11}"]
     for r in rows:
         if "error" in r:
@@ -278,12 +280,6 @@ def _table(cfg: dict, rows: list[dict]) -> str:
         peak = "-" if r["peak_gb"] != r["peak_gb"] else f"{r['peak_gb']:.2f}"
         lines.append(f"{r['mode']:<8} {r['impl']:<19} {r['tokens_per_s']:>10,.0f} {speed:>11} {peak:>26} {mem:>11}")
     return "\n".join(lines)
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({os.cpu_count()} cores)"
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ from contextlib import nullcontext
 
 import torch
 
+from _harness import device_name
+
 IMPLS = ["peft", "peft+autocast", "peft+packed", "liger", "adapterops", "adapterops+fuse"]
 ONLY = {"peft+packed": {"mix"}, "adapterops+fuse": {"fixed"}}
 # Rows that share a process (imports and warm caches paid once; each row its own model and peak):
@@ -290,7 +292,7 @@ def main() -> None:
         sys.exit("no CUDA device here; use --small")
     on_cpu = cfg["device"] == "cpu"
     impls = args.impls.split(",") if args.impls else [i for i in IMPLS if not (on_cpu and i in ("liger", "peft+autocast"))]
-    report = {"config": cfg, "device": _device_name(cfg["device"]), "peak_tflops": measure_peak(cfg["device"]),
+    report = {"config": cfg, "device": device_name(cfg["device"]), "peak_tflops": measure_peak(cfg["device"]),
               "packing_check": check_packing(cfg["device"]), "rows": []}
     print(f"bf16 peak {report['peak_tflops']:.0f} TFLOP/s; packing check {report['packing_check']}", file=sys.stderr, flush=True)
     for group in PROCESSES:
@@ -347,12 +349,6 @@ def _table(report: dict) -> str:
     lines.append(f"packed vs one by one ({'flash varlen' if check['varlen_kernel'] else 'sdpa masks'}, bf16): "
                  f"loss rel. diff {check['loss_rel_diff']:.1e}, gradient rel. diff {check['grad_rel_diff']:.1e}")
     return "\n".join(lines)
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({os.cpu_count()} cores)"
 
 
 if __name__ == "__main__":

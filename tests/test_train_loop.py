@@ -12,30 +12,11 @@ from torch import nn
 from adapterops.errors import AdapterOpsError, FormatError
 from adapterops.train import IGNORE, add_lora, evaluate, lr_at, train_lora
 
-from train_helpers import build_tiny_llama, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from train_helpers import VOCAB, dataset, one_thread, tiny_llama  # noqa: F401 (one_thread: an autouse fixture)
 
 transformers = pytest.importorskip("transformers")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
-VOCAB = 64
-TAIL = [5, 17, 33, 2]
-
-
-def tiny_llama(seed=0, device="cpu"):
-    # eager attention: deterministic on CUDA too (fused attention backward may not be)
-    return build_tiny_llama(seed, vocab_size=VOCAB, intermediate_size=64, initializer_range=0.2, eager=True).to(device)
-
-
-def dataset(n=24, seed=0):
-    """A random prefix, then always the same four tokens; the loss is on those four."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        prefix = torch.randint(0, VOCAB, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
-        rows.append({"input_ids": prefix + TAIL, "labels": [IGNORE] * len(prefix) + TAIL})
-    return rows
-
-
 def run(device="cpu", steps=8, **kwargs):
     model = tiny_llama(device=device)
     add_lora(model, rank=4, alpha=8, dropout=0.1, seed=1)

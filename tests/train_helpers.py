@@ -35,3 +35,25 @@ def build_tiny_llama(seed: int = 0, *, eager: bool = False, **config):
     if eager:
         config._attn_implementation = "eager"
     return transformers.LlamaForCausalLM(config)
+
+
+VOCAB = 64
+TAIL = [5, 17, 33, 2]
+
+
+def tiny_llama(seed: int = 0, device: str = "cpu"):
+    """The training tests' tiny Llama: vocabulary ``VOCAB``, eager attention (deterministic on CUDA too:
+    fused attention backward may not be)."""
+    return build_tiny_llama(seed, vocab_size=VOCAB, intermediate_size=64, initializer_range=0.2, eager=True).to(device)
+
+
+def dataset(n: int = 24, seed: int = 0) -> list[dict]:
+    """A random prefix of 3-8 tokens, then always the same four (``TAIL``); the loss is on those four."""
+    from adapterops.train import IGNORE
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        prefix = torch.randint(0, VOCAB, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+        rows.append({"input_ids": prefix + TAIL, "labels": [IGNORE] * len(prefix) + TAIL})
+    return rows
