@@ -149,7 +149,7 @@ def top_eigh(
     start = torch.zeros(b, N, p - m, dtype=D.dtype, device=D.device)
     diag = torch.arange(p - m, device=D.device)
     start[:, diag, diag] = 1.0  # the top base directions ...
-    X, _ = torch.linalg.qr(torch.cat([start, L], dim=-1))  # ... and the span of the update
+    X = _orthonormal(torch.cat([start, L], dim=-1))  # ... and the span of the update
     for _ in range(max_restarts):
         blocks, images = [X], []
         for step in range(KRYLOV_STEPS):
@@ -160,8 +160,8 @@ def top_eigh(
             Q = torch.cat(blocks, dim=-1)
             for _ in range(2):  # classical Gram-Schmidt, twice (Giraud et al. 2005)
                 Y = Y - Q @ (Q.mT @ Y)
-            Y, _ = torch.linalg.qr(Y)
-            Y, _ = torch.linalg.qr(Y - Q @ (Q.mT @ Y))  # once more after QR: stays orthogonal when Y was ~0
+            Y = _orthonormal(Y)
+            Y = _orthonormal(Y - Q @ (Q.mT @ Y))  # once more after QR: stays orthogonal when Y was ~0
             blocks.append(Y)
         Q, GQ = torch.cat(blocks, dim=-1), torch.cat(images, dim=-1)  # (b, N, s p)
         H = Q.mT @ GQ
@@ -206,3 +206,31 @@ def shrink_directions(
     k = min(rank, S.numel())
     root = S[:k].sqrt()
     return U[:, :k] * root, root[:, None] * Vh[:k]
+
+
+
+def _orthonormal(Y: torch.Tensor, *, cholesky: bool | None = None) -> torch.Tensor:
+    """An orthonormal basis of the columns of each ``Y`` (b, N, p), ``N >= p``, of the same shape.
+
+    With ``cholesky`` (default: on a GPU, where cuSOLVER's QR runs one matrix at a time), Cholesky
+    QR twice (Yamamoto et al. 2015): batched Gram matrices, Cholesky factors and triangular solves.
+    That is exact only for well-conditioned blocks, so each result is checked
+    (``max |Q^T Q - I| <= 1e-12``) and a block that fails (near rank deficiency, say) gets
+    Householder QR instead, as every block does without ``cholesky``.
+    """
+    if not (Y.is_cuda if cholesky is None else cholesky):
+        return torch.linalg.qr(Y)[0]
+    eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
+    Q, ok = Y, torch.ones(Y.shape[0], dtype=torch.bool, device=Y.device)
+    for _ in range(2):
+        Lc, info = torch.linalg.cholesky_ex(Q.mT @ Q)
+        ok &= info == 0
+        Lc = torch.where(ok[:, None, None], Lc, eye)  # a failed block goes on harmlessly and is replaced below
+        Q = torch.linalg.solve_triangular(Lc.mT, Q, upper=True, left=False)  # Q_new L^T = Q
+    error = (Q.mT @ Q - eye).abs().amax(dim=(-2, -1))
+    bad = ~(ok & (error <= 1e-12))
+    if bool(bad.any()):
+        Q = Q.clone()
+        Q[bad] = torch.linalg.qr(Y[bad])[0]
+    return Q
+

@@ -31,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,7 +44,7 @@ from safetensors.torch import save_file
 
 from . import _intruders
 from ._files import atomic_output
-from ._safetensors import read_header, read_tensor
+from ._safetensors import TensorEntry, read_exact, read_header
 from .checkpoint import NF4_STATE_SUFFIX, Checkpoint, Target, match_layers
 from .errors import FormatError, NonFiniteError
 
@@ -87,6 +89,18 @@ def content_key(parts: Sequence[tuple[str, torch.Tensor]], *, transposed: bool) 
     return h.hexdigest()
 
 
+def entry_layout(shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype, str]]:
+    """What an entry for a weight of ``shape`` (out, in) holds: key -> (shape, torch dtype, safetensors dtype)."""
+    out, inp = shape
+    n = min(out, inp)
+    return {
+        "Ut": ((n, out), torch.float16, "F16"),
+        "UtW_rows": ((n, inp), torch.float16, "F16"),
+        "UtW_norms": ((n,), torch.float32, "F32"),
+        "S": ((n,), torch.float32, "F32"),
+    }
+
+
 def half_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` (m, d) as float16 rows of unit norm and the float32 row norms (no overflow, whatever the scale)."""
     x = x.float()
@@ -94,21 +108,68 @@ def half_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / norms.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).to(torch.float16), norms
 
 
+STAGING_PIECE = 32 * 1024 * 1024  # bytes per pinned staging buffer
+
+
 @dataclass
 class CachedSvd:
-    """One entry as read from disk, on the CPU: ``U^T`` (n, out) float16, ``U^T W`` as unit rows
-    (n, in) float16 with their norms, and ``S`` (n,)."""
+    """One entry found on disk (its header checked, its data not read yet): ``Ut`` (n, out) float16,
+    ``UtW_rows`` (n, in) float16 unit rows of ``U^T W``, ``UtW_norms`` (n,) and ``S`` (n,) float32."""
 
-    Ut: torch.Tensor
-    UtW_rows: torch.Tensor
-    UtW_norms: torch.Tensor
-    S: torch.Tensor
+    path: Path
+    entries: dict[str, TensorEntry]
 
-    def decode(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``U`` (out, n), ``S`` (n,), ``U^T W`` (n, in), float32 on ``device``."""
-        U = self.Ut.to(device, non_blocking=True).float().mT
-        UtW = self.UtW_rows.to(device, non_blocking=True).float() * self.UtW_norms.to(device)[:, None]
-        return U, self.S.to(device), UtW
+    def read_into(self, dest: Mapping[str, torch.Tensor], staging: _Staging | None) -> None:
+        """Fill ``dest`` (tensors of the entries' shapes and dtypes, contiguous) with the stored values.
+
+        On the CPU the bytes are read straight into ``dest``; on a GPU they go through ``staging``'s
+        pinned buffers in ``STAGING_PIECE`` pieces (read, copy on this thread's stream, wait).
+        """
+        fd = os.open(self.path, os.O_RDONLY)
+        try:  # preadv releases the GIL, so several readers overlap
+            for key, entry in self.entries.items():
+                flat = dest[key].view(-1).view(torch.uint8)
+                if flat.device.type == "cpu":
+                    read_exact(fd, flat, entry.offset, file=self.path)
+                    continue
+                stream = staging.stream(flat.device)
+                for start in range(0, entry.nbytes, STAGING_PIECE):
+                    n = min(STAGING_PIECE, entry.nbytes - start)
+                    buf = staging.take()
+                    try:
+                        read_exact(fd, buf[:n], entry.offset + start, file=self.path)
+                        with torch.cuda.stream(stream):
+                            flat[start : start + n].copy_(buf[:n], non_blocking=True)
+                        stream.synchronize()  # before the buffer is reused
+                    finally:
+                        staging.give(buf)
+        finally:
+            os.close(fd)
+
+
+class _Staging:
+    """Pinned host buffers shared by the reader threads, made on first use (pinning memory is slow,
+    reusing it is not), and one CUDA stream per thread for the copies."""
+
+    def __init__(self, count: int) -> None:
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._left = count
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def take(self) -> torch.Tensor:
+        with self._lock:
+            make = self._left > 0 and self._free.empty()
+            self._left -= make
+        return torch.empty(STAGING_PIECE, dtype=torch.uint8, pin_memory=True) if make else self._free.get()
+
+    def give(self, buf: torch.Tensor) -> None:
+        self._free.put(buf)
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream:
+        if getattr(self._local, "stream", None) is None:
+            self._local.stream = torch.cuda.Stream(device)
+        return self._local.stream
 
 
 class SvdCache:
@@ -134,26 +195,19 @@ class SvdCache:
         path = self.path(key)
         if not self.enabled or not path.is_file():
             return None
-        out, inp = shape
-        n = min(out, inp)
-        expect = {"Ut": ((n, out), "F16"), "UtW_rows": ((n, inp), "F16"), "UtW_norms": ((n,), "F32"), "S": ((n,), "F32")}
+        expect = entry_layout(shape)
         try:
             header = read_header(path)
             entries = {k: header.entries[k] for k in expect}
-            if any(e.shape != shape_ or e.dtype != dt for e, (shape_, dt) in zip(entries.values(), expect.values())):
-                return None
-            fd = os.open(path, os.O_RDONLY)
-            try:  # preadv releases the GIL, so the reader threads overlap (pageable memory: pinning each entry costs more than it saves)
-                got = {k: read_tensor(e, k, fd=fd) for k, e in entries.items()}
-            finally:
-                os.close(fd)
         except (FormatError, KeyError, OSError):  # corrupt or of another version: recompute and overwrite
+            return None
+        if any(e.shape != shape_ or e.dtype != dt for e, (shape_, _, dt) in zip(entries.values(), expect.values())):
             return None
         try:
             os.utime(path)  # least recently used goes first when pruning
         except OSError:
             pass
-        return CachedSvd(got["Ut"], got["UtW_rows"], got["UtW_norms"], got["S"])
+        return CachedSvd(path, entries)
 
     def store(self, key: str, U: torch.Tensor, S: torch.Tensor, UtW: torch.Tensor) -> None:
         """Write one entry atomically; a failure (read-only or full disk) warns once and is otherwise ignored."""
@@ -337,45 +391,53 @@ def base_svd_chunks(
     next chunk run in threads while the current one is decomposed (cache misses, batched) and
     consumed; cache writes run in a background thread; the cache is pruned to its limit at the end.
     """
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or min(16, os.cpu_count() or 1)
     plan = [chunk for names in groups for chunk in _chunked(list(names), _chunk_size(weights, targets[names[0]], device))]
     readers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapterops-read")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-cache")
+    staging = _Staging(workers) if device.type == "cuda" else None
     writes: list[Future] = []
 
-    def prepare(name: str):
+    def prepare(name: str, dest: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, str, bool, str | None]:
+        """Fill ``dest`` from the cache if the entry is there; returns (W or None, key, whether it was, identity)."""
         target = targets[name]
         identity = weights.identity(target)
         key = cache.key_for(identity)
-        entry = cache.load(key, weights.shape(target)) if key else None
-        if entry is not None and not need_weight:
-            return None, key, entry, identity
+        hit = key is not None and _read_entry(cache, key, weights.shape(target), dest, staging)
+        if hit and not need_weight:
+            return None, key, True, identity
         W, key = weights.load(target)
-        return W, key, entry if entry is not None else cache.load(key, tuple(W.shape)), identity
+        return W, key, hit or _read_entry(cache, key, tuple(W.shape), dest, staging), identity
+
+    def submit(names: list[str]) -> tuple[dict[str, torch.Tensor], list[Future]]:
+        layout = entry_layout(weights.shape(targets[names[0]]))
+        stacked = {k: torch.empty((len(names), *shape), dtype=dtype, device=device) for k, (shape, dtype, _) in layout.items()}
+        return stacked, [readers.submit(prepare, n, {k: v[j] for k, v in stacked.items()}) for j, n in enumerate(names)]
 
     try:
-        pending = [readers.submit(prepare, n) for n in plan[0]] if plan else []
+        pending = submit(plan[0]) if plan else None
         for i, names in enumerate(plan):
-            items = [f.result() for f in pending]
-            pending = [readers.submit(prepare, n) for n in plan[i + 1]] if i + 1 < len(plan) else []
-            parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [
-                None if it[2] is None else it[2].decode(device) for it in items
-            ]
-            missing = [j for j, it in enumerate(items) if it[2] is None]
-            if missing:
+            stacked, futures = pending
+            items = [f.result() for f in futures]
+            pending = submit(plan[i + 1]) if i + 1 < len(plan) else None
+            U = stacked["Ut"].float().mT  # (b, out, n)
+            UtW = stacked["UtW_rows"].float().mul_(stacked["UtW_norms"][..., None])  # (b, n, in)
+            S = stacked["S"]
+            del stacked
+            missing = [j for j, it in enumerate(items) if not it[2]]
+            if missing:  # the rows read nothing: decompose them, in full precision
                 W_missing = torch.stack([items[j][0] for j in missing]).to(device)  # (m, out, in)
                 for j, U_j, S_j, UtW_j in zip(missing, *_intruders.base_svd(W_missing)):
-                    parts[j] = (U_j, S_j, UtW_j)
+                    U[j], S[j], UtW[j] = U_j, S_j, UtW_j
                     if cache.enabled:
                         key, identity = items[j][1], items[j][3]
                         writes.append(writer.submit(_store, cache, key, identity, U_j.cpu(), S_j.cpu(), UtW_j.cpu()))
                 del W_missing
-            for j, it in enumerate(items):
-                if it[2] is not None and it[0] is not None:
+            for it in items:
+                if it[2] and it[0] is not None:
                     writes.append(writer.submit(cache.remember, it[3], it[1]))
             cache.hits += len(items) - len(missing)
             cache.misses += len(missing)
-            U, S, UtW = (torch.stack(t) for t in zip(*parts))  # (b, out, n), (b, n), (b, n, in)
             W = torch.stack([it[0] for it in items]).to(device) if need_weight else None
             yield BaseChunk(list(names), U, S, UtW, W)
         for w in writes:
@@ -384,6 +446,18 @@ def base_svd_chunks(
     finally:
         readers.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True)
+
+
+def _read_entry(cache: SvdCache, key: str, shape: tuple[int, int], dest: dict[str, torch.Tensor], staging: _Staging | None) -> bool:
+    """Fill ``dest`` with the cache's entry for ``key``; False where there is none or it cannot be read."""
+    entry = cache.load(key, shape)
+    if entry is None:
+        return False
+    try:
+        entry.read_into(dest, staging)
+    except (FormatError, OSError):  # removed or cut short since its header was read: recompute it
+        return False
+    return True
 
 
 def _store(cache: SvdCache, key: str, identity: str | None, U: torch.Tensor, S: torch.Tensor, UtW: torch.Tensor) -> None:

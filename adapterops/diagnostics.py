@@ -342,13 +342,13 @@ def _merged(
 def _spectra(adapter: Adapter, device: torch.device) -> dict[str, dict[str, Any]]:
     """The base-free numbers of every layer, from ``Adapter.svd`` (batched by shape on ``device``)."""
     _check_adapter(adapter)
-    svd = adapter.svd(device=device)
+    svd = adapter._factored_svd(device)
     result = {}
     for name, layer in adapter.items():
-        S = svd[name][1]
-        B, A = layer.folded()
-        keep = linalg.numerical_rank(S, layer.shape, floor=float(linalg.noise_floor(B, A)))
-        S = S[:keep].double().cpu()
+        _, S, _, floor = svd[name]
+        S = S.cpu()
+        keep = linalg.numerical_rank(S, layer.shape, floor=floor)
+        S = S[:keep].double()
         result[name] = {
             "shape": layer.shape,
             "rank": layer.rank,

@@ -144,7 +144,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: 32 on cuda = 224 matrices, 1 on cpu)")
     parser.add_argument("--hidden", type=int, default=None, help="hidden size (default: 4096 on cuda, 1024 on cpu)")
     parser.add_argument("--intermediate", type=int, default=None, help="MLP size (default: 11008 on cuda, 2752 on cpu)")
-    parser.add_argument("--naive-layers", type=int, default=None, help="decoder layers timed with the naive route (default: 2 on cuda, all on cpu)")
+    parser.add_argument("--naive-layers", type=int, default=None, help="decoder layers timed with the naive route (default: 2 on cuda, all on cpu; 0: no naive route, no agreement check)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the synthetic base and the cache go (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each adapterops run (needs root)")
@@ -176,8 +176,8 @@ def main() -> int:
             print(f"{label} run: {run['seconds']:.1f} s", file=sys.stderr, flush=True)
         (first_s, first), (cached_s, cached) = runs
         subset = [n for n in adapter if int(n.split(".")[2]) < naive_layers]
-        naive_s, reference = timed(lambda: naive(adapter, base, subset, device), device)
-        naive_total = naive_s * len(adapter) / len(subset)
+        naive_s, reference = timed(lambda: naive(adapter, base, subset, device), device) if subset else (0.0, {})
+        naive_total = naive_s * len(adapter) / len(subset) if subset else float("nan")
         print(f"naive: {naive_s:.1f} s for {len(subset)} matrices", file=sys.stderr, flush=True)
         cache_bytes = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
     finally:
@@ -186,6 +186,7 @@ def main() -> int:
 
     worst, mismatched, ours_count, ref_count = agreement(first, reference)
     worst_cached, mismatched_cached, _, _ = agreement(cached, reference)
+    cache_cost, _, _, _ = agreement(cached, {n: list(first[n].similarities) for n in adapter})  # what the cache's rounding costs
     extrapolated = "" if len(subset) == len(adapter) else f", extrapolated from {len(subset)}"
     rows = [
         {"case": "adapterops diagnose, first run (empty cache)", "seconds": first_s, "speedup": naive_total / first_s},
@@ -201,7 +202,8 @@ def main() -> int:
         f"||dW||/||W|| {first.summary.relative_norm:.3f}; intruders: {first.summary.intruders} in {first.summary.layers_with_intruders} of {len(adapter)} matrices; "
         f"on the {len(subset)} compared: adapterops {ours_count}, naive {ref_count}; max |similarity difference| "
         f"{worst:.1e} (first run), {worst_cached:.1e} (cached run)",
-        f"base SVD cache: {cache_bytes / 1e9:.2f} GB; adapterops times are whole commands, start-up included",
+        f"base SVD cache: {cache_bytes / 1e9:.2f} GB; cached run vs first run: max |similarity difference| {cache_cost:.1e}; "
+        "adapterops times are whole commands, start-up included",
     ]
     print("\n".join(lines))
     if args.json:
@@ -211,6 +213,7 @@ def main() -> int:
             "relative_norm": first.summary.relative_norm,
             "results": rows, "intruders": first.summary.intruders, "max_similarity_difference": worst,
             "mismatched_decisions": mismatched + mismatched_cached, "max_similarity_difference_cached": worst_cached,
+            "max_similarity_difference_cache_vs_first": cache_cost,
             "cache_bytes": cache_bytes,
         }, indent=2) + "\n")
     if mismatched or mismatched_cached or max(worst, worst_cached) > TOLERANCE:

@@ -9,8 +9,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from adapterops import Adapter, LoraLayer, _intruders
-from adapterops._svd_cache import BaseWeights, SvdCache, content_key, default_cache_dir, half_rows
+from adapterops import Adapter, LoraLayer, _intruders, _svd_cache
+from adapterops._svd_cache import BaseWeights, CachedSvd, SvdCache, content_key, default_cache_dir, half_rows
 from adapterops.checkpoint import Checkpoint
 from adapterops.diagnostics import (
     Comparison,
@@ -305,6 +305,29 @@ def test_cached_run_reads_no_base_weight(tmp_path, monkeypatch):
     assert again.summary.base_svds_cached == 2 and again.summary.intruders == first.summary.intruders
 
 
+def test_an_entry_that_cannot_be_read_is_recomputed(tmp_path, monkeypatch):
+    adapter, base = two_layer_case(tmp_path)
+    first = diagnose(adapter, base, cache=tmp_path / "svd")
+    monkeypatch.setattr(CachedSvd, "read_into", lambda *a: (_ for _ in ()).throw(FileNotFoundError("pruned meanwhile")))
+    again = diagnose(adapter, base, cache=tmp_path / "svd")
+    assert (again.summary.base_svds_cached, again.summary.base_svds_computed) == (0, 2)
+    assert [r.similarities for r in again.layers] == [r.similarities for r in first.layers]  # computed afresh, unrounded
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_runs_agree_across_devices(tmp_path, monkeypatch, device):
+    """A GPU reads entries through pinned staging buffers in pieces; the CPU straight into place."""
+    monkeypatch.setattr(_svd_cache, "STAGING_PIECE", 4096)  # several pieces per tensor
+    adapter, base = two_layer_case(tmp_path)
+    diagnose(adapter, base, cache=tmp_path / "svd", device="cpu")
+    cpu = diagnose(adapter, base, cache=tmp_path / "svd", device="cpu")
+    other = diagnose(adapter, base, cache=tmp_path / "svd", device=device)
+    assert other.summary.base_svds_cached == 2
+    for a, b in zip(cpu.layers, other.layers):
+        assert a.intruders == b.intruders
+        assert b.similarities == pytest.approx(a.similarities, abs=1e-5)
+
+
 def test_half_rows_keep_any_scale():
     x = torch.tensor([[3e5, -4e5], [1e-9, 2e-9], [0.0, 0.0]])
     rows, norms = half_rows(x)
@@ -586,3 +609,21 @@ def test_nf4_base_is_diagnosed_in_its_dequantized_form(tmp_path):
     assert quantized.layers[0].similarities == pytest.approx(dense.layers[0].similarities, abs=1e-6)
     assert quantized.layers[0].base_norm == pytest.approx(dense.layers[0].base_norm, rel=1e-6)
     assert diagnose(adapter, base, cache=tmp_path / "svd").summary.base_svds_cached == 1
+
+
+# ------------------------------------------------------------------ the GPU's batched small linear algebra
+
+
+def test_cholesky_qr_is_orthonormal_and_falls_back_on_rank_deficient_blocks():
+    g = torch.Generator().manual_seed(0)
+    good = torch.randn(3, 200, 12, generator=g, dtype=torch.float64)
+    deficient = good.clone()
+    deficient[1, :, 5] = deficient[1, :, 4]  # exactly dependent columns: Cholesky fails on this one
+    deficient[2, :, 7] *= 1e-9  # badly scaled: the second Cholesky pass restores orthogonality
+    for Y in (good, deficient):
+        Q = _intruders._orthonormal(Y, cholesky=True)
+        torch.testing.assert_close(Q.mT @ Q, torch.eye(12, dtype=torch.float64).expand(3, 12, 12), rtol=0, atol=1e-12)
+        reference = torch.linalg.qr(Y)[0]
+        for i in (0, 2):  # full-rank blocks span what Householder's Q spans
+            torch.testing.assert_close(Q[i] @ (Q[i].mT @ reference[i]), reference[i], rtol=0, atol=1e-10)
+

@@ -44,6 +44,12 @@ class Group(click.Group):
                 raise
             raise click.ClickException(printable(" ".join(describe_error(exc).split()))) from None  # always one line
 
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:  # while parsing: past click, which would print a blank line first
+            raise _Interrupted from None
+
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
