@@ -1,7 +1,8 @@
 """The ``adapterops`` console script.
 
 ``import adapterops`` loads nothing heavy (its names load on first use), so this module runs
-before torch does. It imports the command line with Ctrl-C deferred: a KeyboardInterrupt raised
+before torch does. It first starts reading the base of a streaming command into the page cache
+(``_prefetch``), then imports the command line with Ctrl-C deferred: a KeyboardInterrupt raised
 inside torch's C++ start-up can abort the process (``terminate called after throwing ...``), so
 during the import SIGINT only sets a flag, and a flagged start exits 130 with one line, as an
 interrupted command does. Once the command has finished, a Ctrl-C no longer changes its exit
@@ -12,10 +13,13 @@ import os
 import signal
 import sys
 
+from . import _prefetch
+
 __all__ = ["main"]
 
 
 def main() -> None:
+    _prefetch.start(sys.argv[1:])
     interrupted: list[int] = []
     try:
         previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))

@@ -4,7 +4,8 @@ The merge benchmarks (``bench_merge.py``, ``bench_nf4_merge.py``) time each rout
 process, the way a user runs it: ``cp -r`` and the ``adapterops`` command line as they are, the
 other routes as the script re-run with ``--child ROUTE``. The clock starts before the process does
 and stops after it exited and (unless ``--no-sync``) ``os.sync()`` wrote its output back, so
-start-up (interpreter, imports, CUDA) counts; ``--cold`` drops the page cache first. A child also
+start-up (interpreter, imports, CUDA) counts; ``--cold`` drops the page cache first (``--cold-inputs``
+drops it and reloads the libraries, untimed). A child also
 reports its time after imports (``work_seconds``). Peak RSS is the process's ``ru_maxrss``. Scripts import this module by name
 (``from _harness import ...``): Python puts the script's own folder first on ``sys.path``.
 """
@@ -205,6 +206,9 @@ def _route_command(script: str, route: str, base: Path, adapter: Path, out: Path
     return cmd + ([] if sync else ["--no-sync"]) + ([f"--threads={threads}"] if threads else [])
 
 
+WARM_LIBRARIES = [sys.executable, "-c", "import torch, adapterops.cli; torch.cuda.is_available() and torch.cuda.init()"]
+
+
 def time_command(command: list[str], *, sync: bool = True, cold: bool = False, threads: int | None = None) -> dict:
     """Run ``command`` as a whole process, timed from outside (start-up, work and, with ``sync``, the
     write-back of its output all count); with ``cold`` the page cache is dropped first.
@@ -226,9 +230,16 @@ def time_command(command: list[str], *, sync: bool = True, cold: bool = False, t
             "stdout": child.stdout, "stderr": child.stderr}
 
 
-def _run_route(command: list[str], route: str, sync: bool, cold: bool, threads: int | None) -> dict:
-    """One timed run; a ``--child`` route's own time after imports is kept as ``work_seconds``."""
-    spec = json.dumps({"command": command, "sync": sync, "cold": cold, "threads": threads})
+def _run_route(command: list[str], route: str, sync: bool, cold: str | None, threads: int | None) -> dict:
+    """One timed run; a ``--child`` route's own time after imports is kept as ``work_seconds``.
+
+    ``cold``: ``"all"`` drops the page cache first; ``"inputs"`` drops it, then loads torch and
+    adapterops once, untimed, so that only the data comes from the disk (as on a machine where the
+    libraries were used lately)."""
+    if cold == "inputs":
+        drop_page_cache()
+        subprocess.run(WARM_LIBRARIES, capture_output=True, check=False)  # from here, not the timer: its RSS stays the route's
+    spec = json.dumps({"command": command, "sync": sync, "cold": cold == "all", "threads": threads})
     done = subprocess.run([sys.executable, __file__, "--timer", spec], capture_output=True, text=True, check=True)
     run = json.loads(done.stdout)
     if run.pop("returncode") != 0:
@@ -256,7 +267,7 @@ def time_routes(
     threads: int | None,
     repeat: int,
     commands: dict[str, Callable[[Path], list[str]]] | None = None,
-    cold: bool = False,
+    cold: str | None = None,
     annotate: Callable[[Path, dict], dict] | None = None,
 ) -> tuple[list[dict], dict[str, Path]]:
     """Run each route ``repeat`` times (output in ``work/out-ROUTE``); keep the fastest run.
@@ -334,7 +345,10 @@ def add_merge_arguments(parser: argparse.ArgumentParser, *, routes: Iterable[str
     p.add_argument("--no-sync", dest="sync", action="store_false", help="do not include os.sync() of the output in the times")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads in every route (default: torch's choice)")
     p.add_argument("--repeat", type=int, default=1, help="run each route this many times; report the fastest (and the largest RSS)")
-    p.add_argument("--cold", action="store_true", help="drop the page cache before each run (needs root), so inputs come from the disk")
+    p.add_argument("--cold", action="store_const", const="all", default=None,
+                   help="drop the page cache before each run (needs root): inputs and libraries come from the disk")
+    p.add_argument("--cold-inputs", dest="cold", action="store_const", const="inputs",
+                   help="drop the page cache, then load torch and adapterops once (untimed): only the inputs come from the disk")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--base", type=Path, help=argparse.SUPPRESS)

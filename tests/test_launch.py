@@ -36,3 +36,26 @@ def test_a_closed_pipe_is_not_a_traceback():
     finally:
         os.close(write)
     assert done.returncode in (0, 1) and "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
+def test_prefetch_finds_the_base_shards_of_streaming_commands(tmp_path, monkeypatch):
+    from adapterops import _prefetch
+
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in ("b.safetensors", "a.safetensors"):
+        (base / name).write_bytes(b"x" * 100)
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w1": "b.safetensors", "w2": "a.safetensors", "w3": "b.safetensors"}}))
+    assert _prefetch.base_files(["merge", "--base", str(base), "--adapter", "x"]) == [base / "b.safetensors", base / "a.safetensors"]
+    assert _prefetch.base_files(["quantize", f"--base={base / 'a.safetensors'}", "--out", "o"]) == [base / "a.safetensors"]
+    (base / "model.safetensors.index.json").unlink()
+    assert _prefetch.base_files(["unmerge", "-b", str(base)]) == [base / "a.safetensors", base / "b.safetensors"]
+    assert _prefetch.base_files(["diagnose", "x.st", "--base", str(base)]) == []  # a cached run need not read the base
+    assert _prefetch.base_files(["merge", "--base", "user/repo"]) == []  # Hub ids: nothing local to read
+    assert _prefetch.base_files(["merge", "--base", str(base / "config.json")]) == []
+    thread = _prefetch.start(["merge", "--base", str(base)])
+    assert thread is not None
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    monkeypatch.setenv(_prefetch.ENV, "0")
+    assert _prefetch.start(["merge", "--base", str(base)]) is None
