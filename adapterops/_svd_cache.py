@@ -14,7 +14,9 @@ from these, so their rounding is amplified by small eigenvalue gaps: measured on
 decaying-spectrum weights of 512 to 2048 rows, similarities moved by at most 3e-4 (float16), where
 int8 codes in blocks of 64 moved them by up to 1.5e-2 and bfloat16 by up to 3.5e-3; hence float16
 (``benchmarks/bench_intruders.py`` checks the cached run against the dense float32 route). A
-weight's first run uses the unrounded values.
+weight's first run uses the unrounded values. On a GPU, entries are read by up to 16 threads
+through a few reused pinned buffers straight into the batch on the device (fresh pageable memory
+per entry, then a copy and a stack, took four times as long on an H200).
 
 Entries are safetensors files named by the SHA-256 of the weight's stored bytes (plus dtype, shape,
 orientation and the decomposition's version), under the cache directory (``default_cache_dir``),

@@ -10,7 +10,8 @@ ones) and a rank-16 adapter on every linear.
   (float64 Gram eigendecomposition), cache written, then the top-k of ``W + dW`` from ``U``, ``S``,
   ``U^T W`` and the factors (no dense SVD of ``W + dW``).
 - adapterops, cached run: the same command again; the base is not read (the cache knows its files'
-  identities) and ``U``, ``U^T W`` come from the cache in 8 bits (see ``adapterops._svd_cache``).
+  identities) and ``U``, ``U^T W`` come from the cache in float16 (see ``adapterops._svd_cache``);
+  the table says how far that rounding moved the similarities from the first run's.
 - naive: per module, read ``W``, form ``W + dW`` densely, ``torch.linalg.svd`` of both in float32
   (what PEFT's intruder code does per module), max |cos| of the top-k vectors -- no batching, no
   cache. At 7B it takes long, so ``--naive-layers`` times a subset of the decoder layers and the
