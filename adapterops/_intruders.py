@@ -208,7 +208,6 @@ def shrink_directions(
     return U[:, :k] * root, root[:, None] * Vh[:k]
 
 
-
 def _orthonormal(Y: torch.Tensor, *, cholesky: bool | None = None) -> torch.Tensor:
     """An orthonormal basis of the columns of each ``Y`` (b, N, p), ``N >= p``, of the same shape.
 
@@ -233,4 +232,3 @@ def _orthonormal(Y: torch.Tensor, *, cholesky: bool | None = None) -> torch.Tens
         Q = Q.clone()
         Q[bad] = torch.linalg.qr(Y[bad])[0]
     return Q
-
