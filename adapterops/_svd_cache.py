@@ -11,8 +11,9 @@ norm, kept in float32 with ``S``): 2 bytes per element instead of 4, and the bas
 read again, so a cached run reads about 20 GB for the 224 matrices of a 7B Llama where it read 22 GB
 of ``U`` plus the 13.5 GB base. The top-k vectors of ``W + dW`` are eigenvectors of a matrix built
 from these, so their rounding is amplified by small eigenvalue gaps: measured on random
-decaying-spectrum weights of 512 to 2048 rows, similarities moved by at most 3e-4 (float16), where
-int8 codes in blocks of 64 moved them by up to 1.5e-2 and bfloat16 by up to 3.5e-3; hence float16
+decaying-spectrum weights of 512 to 2048 rows, similarities moved by at most 3e-4 (float16; 1.7e-3
+on the 224 matrices of a 7B Llama), where int8 codes in blocks of 64 moved them by up to 1.5e-2 and
+bfloat16 by up to 3.5e-3; hence float16
 (``benchmarks/bench_intruders.py`` checks the cached run against the dense float32 route). A
 weight's first run uses the unrounded values. On a GPU, entries are read by up to 16 threads
 through a few reused pinned buffers straight into the batch on the device (fresh pageable memory

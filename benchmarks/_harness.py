@@ -236,12 +236,15 @@ def _run_route(command: list[str], route: str, sync: bool, cold: str | None, thr
     ``cold``: ``"all"`` drops the page cache first; ``"inputs"`` drops it, then loads torch and
     adapterops once, untimed, so that only the data comes from the disk (as on a machine where the
     libraries were used lately)."""
+    dropped = None
     if cold == "inputs":
-        drop_page_cache()
+        dropped = drop_page_cache()
         subprocess.run(WARM_LIBRARIES, capture_output=True, check=False)  # from here, not the timer: its RSS stays the route's
     spec = json.dumps({"command": command, "sync": sync, "cold": cold == "all", "threads": threads})
     done = subprocess.run([sys.executable, __file__, "--timer", spec], capture_output=True, text=True, check=True)
     run = json.loads(done.stdout)
+    if dropped is not None:
+        run.update(page_cache_dropped=dropped, libraries_warm=True)
     if run.pop("returncode") != 0:
         lines = run["stderr"].strip().splitlines()
         return {"route": route, "error": lines[-1] if lines else "failed"}
