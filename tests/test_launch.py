@@ -35,7 +35,7 @@ def test_a_closed_pipe_is_not_a_traceback():
         done = subprocess.run([*CLI, "info", str(EXAMPLES / "math.st"), "--json"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
         os.close(write)
-    assert done.returncode in (0, 1) and "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    assert done.returncode == 1 and done.stderr == "", done.stderr  # quiet, as a pipe's writer should be
 
 
 def test_prefetch_finds_the_base_shards_of_streaming_commands(tmp_path, monkeypatch):

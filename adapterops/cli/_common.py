@@ -39,6 +39,8 @@ class Group(click.Group):
             raise
         except KeyboardInterrupt:
             raise _Interrupted from None  # past click, which would print a blank line and "Aborted!"
+        except BrokenPipeError:
+            raise  # the reader of stdout went away (``| head``): click exits 1 quietly, as pipes expect
         except Exception as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
