@@ -199,7 +199,8 @@ def main() -> int:
         f"device: {name}; {len(adapter)} matrices ({layers} layers, hidden {hidden}, intermediate {intermediate}), rank {RANK}, top_k {TOP_K}",
         head,
         "-" * len(head),
-        *(f"{r['case']:<46} {r['seconds']:>9.2f} {r['speedup']:>8.1f}x" for r in rows),
+        *(f"{r['case']:<46} {r['seconds']:>9.2f} " + (f"{r['speedup']:>8.1f}x" if math.isfinite(r["speedup"]) else f"{'-':>9}")
+          for r in rows if math.isfinite(r["seconds"])),
         f"||dW||/||W|| {first.summary.relative_norm:.3f}; intruders: {first.summary.intruders} in {first.summary.layers_with_intruders} of {len(adapter)} matrices; "
         f"on the {len(subset)} compared: adapterops {ours_count}, naive {ref_count}; max |similarity difference| "
         f"{worst:.1e} (first run), {worst_cached:.1e} (cached run)",
