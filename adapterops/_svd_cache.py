@@ -390,9 +390,11 @@ def base_svd_chunks(
     chunks sized to the device's memory, with their SVDs (and ``W`` with ``need_weight``) on ``device``.
 
     A weight whose file identity the cache knows, and whose entry is there, is not read at all
-    (unless ``need_weight``); others are read and hashed. Reading, hashing and cache lookups of the
-    next chunk run in threads while the current one is decomposed (cache misses, batched) and
-    consumed; cache writes run in a background thread; the cache is pruned to its limit at the end.
+    (unless ``need_weight``); others are read and hashed. Cached entries are read straight into the
+    chunk's stacked tensors on ``device`` (``CachedSvd.read_into``). Reading, hashing and cache
+    lookups of the next chunk run in ``workers`` threads while the current one is decomposed (cache
+    misses, batched) and consumed; cache writes run in a background thread; the cache is pruned to
+    its limit at the end.
     """
     workers = workers or min(16, os.cpu_count() or 1)
     plan = [chunk for names in groups for chunk in _chunked(list(names), _chunk_size(weights, targets[names[0]], device))]
