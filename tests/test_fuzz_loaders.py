@@ -1,10 +1,11 @@
-"""A seeded mutator over real files of every adapter format and of a sharded base checkpoint.
+"""A seeded mutator over real files of every adapter format (GGUF included) and of a sharded base checkpoint.
 
 Each mutant (truncation, byte flips in header and data, header JSON edits of offsets, dtypes,
 shapes, keys and metadata, config and index JSON edits) must either raise an AdapterOpsError, or
 load to exactly what an independent reading gives: safetensors' own reader for the bytes (so
 nothing safetensors refuses is accepted), PEFT's ``get_pattern_key`` and ``LoraConfig`` defaults
-for ranks and alphas, sd-scripts' rule for kohya alphas. Never another exception type, never a
+for ranks and alphas, sd-scripts' rule for kohya alphas, the gguf package (llama.cpp's reader)
+for GGUF tensor shapes. Never another exception type, never a
 hang: each case runs under a timeout (a hang detector, generous for a shared CI machine).
 """
 
@@ -330,3 +331,58 @@ def test_base_checkpoints_survive_mutation(originals, tmp_path):
         return d
 
     fuzz(90, 4, make, Checkpoint, check_base)
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def mutate_gguf(rng: random.Random, raw: bytes) -> bytes:
+    op = rng.choice(["truncate", "flip", "flip", "count", "nest", "alignment"])
+    if op == "truncate":
+        return raw[: rng.randrange(len(raw))]
+    if op == "flip":
+        pos = rng.randrange(min(len(raw), 2048))  # the directory and the first data
+        return raw[:pos] + bytes([raw[pos] ^ (1 << rng.randrange(8))]) + raw[pos + 1 :]
+    if op == "count":  # the tensor count or the key-value count: what a crafted file lies about
+        pos = rng.choice([8, 16])
+        return raw[:pos] + struct.pack("<Q", rng.choice([0, 1, 2**31, 2**63, 2**64 - 1])) + raw[pos + 8 :]
+    (n_tensors,) = struct.unpack("<Q", raw[8:16])
+    key = b"general.alignment" if op == "alignment" else b"x"
+    if op == "nest":  # an array of arrays of arrays ... of one u32: deeper than any real file
+        value = struct.pack("<I", 9) + (struct.pack("<I", 9) + struct.pack("<Q", 1)) * rng.choice([3, 20, 5000]) + struct.pack("<I", 4) + struct.pack("<Q", 1) + b"\0\0\0\0"
+    else:
+        value = rng.choice([struct.pack("<I", 8) + struct.pack("<Q", 3) + b"abc", struct.pack("<I", 4) + struct.pack("<I", 3),
+                            struct.pack("<I", 9) + struct.pack("<I", 4) + struct.pack("<Q", 1) + struct.pack("<I", 32),
+                            struct.pack("<I", 6) + struct.pack("<f", 32.0), struct.pack("<I", 7) + b"\1"])
+    (n_kv,) = struct.unpack("<Q", raw[16:24])
+    entry = struct.pack("<Q", len(key)) + key + value
+    return raw[:8] + struct.pack("<Q", n_tensors) + struct.pack("<Q", n_kv + 1) + entry + raw[24:]  # a first key-value pair
+
+
+def test_gguf_adapters_survive_mutation(originals, tmp_path):
+    """Each mutant of a GGUF adapter is refused with an AdapterOpsError or, where accepted, is a file
+    the gguf package (llama.cpp's own reader) reads too, with the same tensor names and shapes."""
+    gguf = pytest.importorskip("gguf")
+    base = tmp_path / "hf-base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8,
+                                                  "intermediate_size": 6, "num_attention_heads": 2, "num_key_value_heads": 2,
+                                                  "num_hidden_layers": 2}))
+    g = torch.Generator().manual_seed(0)
+    shapes = {MODULES[0]: (8, 8), MODULES[1]: (8, 8), MODULES[2]: (8, 6)}
+    Adapter({m: LoraLayer(torch.randn(2, i, generator=g), torch.randn(o, 2, generator=g), 4.0) for m, (o, i) in shapes.items()}).save(
+        tmp_path / "a.gguf", format="gguf", base=base)
+    raw = (tmp_path / "a.gguf").read_bytes()
+
+    def make(i, rng):
+        path = tmp_path / f"g{i}.gguf"
+        path.write_bytes(mutate_gguf(rng, raw))
+        return path
+
+    def check(adapter, path):
+        reader = gguf.GGUFReader(str(path))
+        theirs = sorted(tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors)
+        ours = sorted(tuple(t.shape) for layer in adapter.values() for t in (layer.A, layer.B))
+        assert ours == theirs, (ours, theirs)
+
+    fuzz(80, 5, make, lambda p: ao.load(p, base=base), check)

@@ -14,6 +14,7 @@ is all a base model's GGUF is read for.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -33,6 +34,7 @@ MAGIC = b"GGUF"
 VERSION = 3
 ALIGNMENT_KEY = "general.alignment"
 DEFAULT_ALIGNMENT = 32
+MAX_ARRAY_DEPTH = 16  # GGUF files nest arrays one or two deep; a deeper chain is a crafted file
 
 # GGUF value types: id -> struct code (scalars), plus STRING = 8, ARRAY = 9.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -94,19 +96,21 @@ class _Reader:
         except UnicodeDecodeError:
             raise FormatError(f"{self.path}: a GGUF string is not valid UTF-8 (byte {self.pos})") from None
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, depth: int = 0) -> Any:
         if kind in _SCALARS:
             return self.scalar(_SCALARS[kind])
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise FormatError(f"{self.path}: GGUF arrays nested deeper than {MAX_ARRAY_DEPTH} (byte {self.pos}); the file is corrupt")
             item, count = self.scalar("I"), self.scalar("Q")
             if item in _SCALARS and item != _BOOL:  # numbers: one read, not a Python loop
                 dtype = np.dtype("<" + _SCALARS[item])
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
             if count > self.size - self.pos:
                 raise FormatError(f"{self.path}: corrupt GGUF array (claims {count} items)")
-            return [self.value(item) for _ in range(count)]
+            return [self.value(item, depth + 1) for _ in range(count)]
         raise FormatError(f"{self.path}: unknown GGUF value type {kind} (byte {self.pos}); the file is corrupt or from a newer GGUF version")
 
 
@@ -142,9 +146,9 @@ def _read_directory(r: _Reader) -> GGUFFile:
             raise FormatError(f"{path}: tensor {name} has {n_dims} dimensions; GGUF allows 1 to 4")
         ne = [r.scalar("Q") for _ in range(n_dims)]
         infos.append((name, tuple(reversed(ne)), r.scalar("I"), r.scalar("Q")))
-    alignment = int(metadata.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT))
-    if alignment <= 0 or alignment & (alignment - 1):
-        raise FormatError(f"{path}: {ALIGNMENT_KEY} is {alignment}, not a power of two")
+    alignment = metadata.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+        raise FormatError(f"{path}: {ALIGNMENT_KEY} is {str(alignment)[:40]}, not a power of two")
     start = _align(r.pos, alignment)
     tensors = {}
     for name, shape, kind, offset in infos:
@@ -161,11 +165,13 @@ def read_tensor(file: GGUFFile, name: str) -> torch.Tensor:
         known = ", ".join(v[0] for v in _DECODED.values())
         raise FormatError(f"{file.path}: tensor {name} has ggml type {info.type}; adapterops reads {known} tensors")
     kind, block, block_bytes = _DECODED[info.type]
-    count = int(np.prod(info.shape, dtype=np.int64))
+    count = math.prod(info.shape)  # Python ints: a crafted shape cannot overflow
     if info.shape[-1] % block:
         raise FormatError(f"{file.path}: tensor {name} is {kind} with rows of {info.shape[-1]}, not a multiple of {block}")
     nbytes = count // block * block_bytes
     with open(file.path, "rb") as f:
+        if info.offset + nbytes > os.fstat(f.fileno()).st_size:  # checked before anything is allocated
+            raise FormatError(f"{file.path}: tensor {name} runs past the end of the file (truncated download?)")
         f.seek(info.offset)
         raw = f.read(nbytes)
     if len(raw) != nbytes:
