@@ -308,8 +308,8 @@ class BaseWeights:
         try:
             info = json.loads(bytes(self.checkpoint.get(state).tolist()).decode("utf-8"))
             return tuple(int(s) for s in info["shape"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise FormatError(f"{self.checkpoint.source}: unreadable NF4 quant state {state} ({exc})") from None
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise FormatError(f"{self.checkpoint.source}: unreadable NF4 quant state {state} ({type(exc).__name__})") from None
 
     def nbytes(self, target: Target) -> int:
         if self.checkpoint is None:

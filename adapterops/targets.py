@@ -213,7 +213,7 @@ def _cached_base_config(base: str | None) -> dict[str, Any] | None:
         return None
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return config if isinstance(config, dict) else None
 
@@ -244,8 +244,8 @@ def _facts(source: Adapter | str | os.PathLike, *, base: Any = None, revision: s
         tensors, header = _files.read_safetensors(path)
         try:
             config = json.loads(header[native.CONFIG_KEY])
-        except (KeyError, ValueError) as exc:
-            raise FormatError(f"{path}: corrupt adapter metadata in the safetensors header ({exc})") from None
+        except (KeyError, ValueError, RecursionError) as exc:
+            raise FormatError(f"{path}: corrupt adapter metadata in the safetensors header ({type(exc).__name__})") from None
     if not isinstance(config, dict):
         raise FormatError(f"{source}: adapter_config is not a JSON object")
     extras = tuple(k for k in tensors if not peft.is_factor_key(k))

@@ -266,6 +266,9 @@ def test_from_state_dict_refuses_what_is_not_nf4():
         from_state_dict(fp4, "w")
     with pytest.raises(FormatError, match="unreadable quant_state"):
         from_state_dict({**entries, "w.quant_state.bitsandbytes__nf4": torch.tensor([123, 34], dtype=torch.uint8)}, "w")
+    for crafted in (b"[" * 100_000, b'["shape"]', b'{"shape": 3}'):  # nested past Python's recursion limit; not an object; no sequence
+        with pytest.raises(FormatError, match="unreadable quant_state"):
+            from_state_dict({**entries, "w.quant_state.bitsandbytes__nf4": torch.frombuffer(bytearray(crafted), dtype=torch.uint8)}, "w")
     with pytest.raises(FormatError, match="do not fit"):
         from_state_dict({**entries, "w": entries["w"][:-1]}, "w")
     with pytest.raises(FormatError, match="only uint8 storage"):

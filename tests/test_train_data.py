@@ -172,3 +172,12 @@ def test_collate_pads_right_and_masks():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
     assert batch["input_ids"].dtype == torch.long
+
+
+def test_rows_nested_too_deep_or_with_huge_numbers_are_reported(tmp_path):
+    path = tmp_path / "crafted.jsonl"
+    path.write_text('{"text": "fine"}\n' + "[" * 100_000 + "\n" + '{"text": 1' + "0" * 5000 + "}\n")
+    with pytest.raises(FormatError) as info:
+        read_jsonl(path)
+    message = str(info.value)
+    assert f"{path}:2: not usable JSON" in message and f"{path}:3: not usable JSON" in message

@@ -69,8 +69,8 @@ class NF4Codec:
             raw = checkpoint.read(weight + NF4_STATE_SUFFIX)
             try:
                 states[weight] = json.loads(bytes(raw.reshape(-1).tolist()).decode("utf-8"))
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise FormatError(f"{checkpoint.source}: {weight}: unreadable quantization state ({exc})") from None
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+                raise FormatError(f"{checkpoint.source}: {weight}: unreadable quantization state ({type(exc).__name__})") from None
         return states[weight]
 
     def shape(self, checkpoint: Checkpoint, weight: str) -> tuple[int, ...]:

@@ -416,8 +416,8 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], name: str) -> NF4Tensor
         blocksize = int(state["blocksize"])
         dtype = {v: k for k, v in FLOAT_DTYPES.items()}[str(state["dtype"])]
         quant_type = state.get("quant_type", "nf4")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{name}: unreadable quant_state ({type(exc).__name__}: {exc})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise FormatError(f"{name}: unreadable quant_state ({type(exc).__name__}: {str(exc)[:200]})") from None
     if quant_type != "nf4":
         raise FormatError(f"{name}: quant_type {quant_type!r}; only NF4 is supported")
     if blocksize not in BLOCKSIZES:

@@ -67,6 +67,9 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
         except json.JSONDecodeError as exc:
             problems.append(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
             continue
+        except (ValueError, RecursionError):  # numbers of too many digits, nesting too deep
+            problems.append(f"{path}:{number}: not usable JSON (too deeply nested, or a number too long)")
+            continue
         problem = _check_row(row)
         if problem:
             problems.append(f"{path}:{number}: {problem}")
