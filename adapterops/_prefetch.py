@@ -32,7 +32,7 @@ def start(argv: Sequence[str]) -> threading.Thread | None:
     try:
         files = base_files(argv)
         budget = _available_bytes() // 2
-    except (OSError, ValueError, TypeError, AttributeError):
+    except Exception:  # a hint only: whatever is wrong with the base, the command itself will say
         return None
     if not files or budget <= 0:
         return None
