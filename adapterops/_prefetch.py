@@ -64,7 +64,7 @@ def base_files(argv: Sequence[str]) -> list[Path]:
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
         names = dict.fromkeys(str(v) for v in weight_map.values())
-        return [path / n for n in names if (path / n).is_file()]
+        return [path / n for n in names if Path(n).name == n and (path / n).is_file()]  # shards beside the index only
     return sorted(path.glob("*.safetensors"))
 
 

@@ -57,6 +57,8 @@ def test_prefetch_finds_the_base_shards_of_streaming_commands(tmp_path, monkeypa
     assert thread is not None
     thread.join(timeout=30)
     assert not thread.is_alive()
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../outside.safetensors", "v": "a.safetensors"}}))
+    assert _prefetch.base_files(["merge", "--base", str(base)]) == [base / "a.safetensors"]
     (base / "model.safetensors.index.json").write_text("[" * 100_000)  # the command reports a broken index; the hint stays quiet
     assert _prefetch.start(["merge", "--base", str(base)]) is None
     (base / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
