@@ -626,4 +626,3 @@ def test_cholesky_qr_is_orthonormal_and_falls_back_on_rank_deficient_blocks():
         reference = torch.linalg.qr(Y)[0]
         for i in (0, 2):  # full-rank blocks span what Householder's Q spans
             torch.testing.assert_close(Q[i] @ (Q[i].mT @ reference[i]), reference[i], rtol=0, atol=1e-10)
-

@@ -28,7 +28,7 @@ def test_output_is_complete_and_statuses_are_the_commands():
     assert run("--version").returncode == 0
 
 
-def test_a_closed_pipe_is_not_a_traceback():
+def test_a_closed_pipe_ends_the_command_quietly():
     read, write = os.pipe()
     os.close(read)  # every write to stdout fails with EPIPE, as under ``| head`` once head has gone
     try:
@@ -52,11 +52,15 @@ def test_prefetch_finds_the_base_shards_of_streaming_commands(tmp_path, monkeypa
     assert _prefetch.base_files(["unmerge", "-b", str(base)]) == [base / "a.safetensors", base / "b.safetensors"]
     assert _prefetch.base_files(["diagnose", "x.st", "--base", str(base)]) == []  # a cached run need not read the base
     assert _prefetch.base_files(["merge", "--base", "user/repo"]) == []  # Hub ids: nothing local to read
+    (base / "config.json").write_text("{}")
     assert _prefetch.base_files(["merge", "--base", str(base / "config.json")]) == []
+    read = []
+    real = os.preadv
+    monkeypatch.setattr(_prefetch.os, "preadv", lambda fd, buffers, offset: read.append(real(fd, buffers, offset)) or read[-1])
     thread = _prefetch.start(["merge", "--base", str(base)])
     assert thread is not None
     thread.join(timeout=30)
-    assert not thread.is_alive()
+    assert not thread.is_alive() and sum(read) == 200  # both shards, to their ends
     (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../outside.safetensors", "v": "a.safetensors"}}))
     assert _prefetch.base_files(["merge", "--base", str(base)]) == [base / "a.safetensors"]
     (base / "model.safetensors.index.json").write_text("[" * 100_000)  # the command reports a broken index; the hint stays quiet
