@@ -302,14 +302,11 @@ class BaseWeights:
         return (shape[1], shape[0]) if target.transposed else (shape[0], shape[1])
 
     def _nf4_shape(self, name: str) -> tuple[int, ...]:
-        state = name + NF4_STATE_SUFFIX
-        if state not in self.checkpoint:
+        if name + NF4_STATE_SUFFIX not in self.checkpoint:
             return self.checkpoint.shape(name)
-        try:
-            info = json.loads(bytes(self.checkpoint.get(state).tolist()).decode("utf-8"))
-            return tuple(int(s) for s in info["shape"])
-        except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise FormatError(f"{self.checkpoint.source}: unreadable NF4 quant state {state} ({type(exc).__name__})") from None
+        from .quant.codec import NF4
+
+        return NF4.shape(self.checkpoint, name)  # its quantization state, read once per checkpoint
 
     def nbytes(self, target: Target) -> int:
         if self.checkpoint is None:

@@ -33,7 +33,6 @@ The rules, and where they were read (the consumers' own code):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -211,9 +210,11 @@ def _cached_base_config(base: str | None) -> dict[str, Any] | None:
         file = Path(cached) if isinstance(cached, str) else None
     if file is None or not file.is_file():
         return None
+    from ._files import read_json
+
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        config = read_json(file)
+    except FormatError:
         return None
     return config if isinstance(config, dict) else None
 
@@ -242,10 +243,7 @@ def _facts(source: Adapter | str | os.PathLike, *, base: Any = None, revision: s
         from .formats import native
 
         tensors, header = _files.read_safetensors(path)
-        try:
-            config = json.loads(header[native.CONFIG_KEY])
-        except (KeyError, ValueError, RecursionError) as exc:
-            raise FormatError(f"{path}: corrupt adapter metadata in the safetensors header ({type(exc).__name__})") from None
+        config = _files.header_json(path, header, native.CONFIG_KEY)
     if not isinstance(config, dict):
         raise FormatError(f"{source}: adapter_config is not a JSON object")
     extras = tuple(k for k in tensors if not peft.is_factor_key(k))
@@ -385,37 +383,27 @@ def _llama_cpp_alpha(f: _Facts) -> Iterable[Problem]:
 
 @_rule("llama.cpp")
 def _llama_cpp_names(f: _Facts) -> Iterable[Problem]:
-    names = _gguf_names()
-    if names is None or f.architecture is None:
+    if f.architecture is None:
         return
-    arch = next((a for a, spec in names.items() if f.architecture in spec.get("hf_architectures", [])), None)
+    from .formats.gguf import ARCHITECTURES  # the name map the GGUF writer uses
+
+    arch = next((a for a in ARCHITECTURES.values() if f.architecture in a.hf_architectures), None)
     if arch is None:
-        supported = sorted({h for spec in names.values() for h in spec.get("hf_architectures", [])})
+        supported = sorted({h for a in ARCHITECTURES.values() for h in a.hf_architectures})
         yield Problem("architecture", f"{f.architecture} is not an architecture adapterops can name for llama.cpp (supported: {', '.join(supported)})")
         return
-    patterns = [re.compile("^" + re.escape(k).replace(re.escape("{bid}"), r"\d+") + "$") for k in names[arch].get("tensors", {})]
+    patterns = [re.compile("^" + re.escape(k).replace(re.escape("{bid}"), r"\d+") + "$") for k in arch.tensors]
     bad = [n for n in f.adapter if not any(p.match(n) for p in patterns)]
     if bad:
-        yield Problem("modules", f"{_some(bad)} have no llama.cpp tensor name on {arch}")
+        yield Problem("modules", f"{_some(bad)} have no llama.cpp tensor name on {arch.name}")
 
 
 def _llama_cpp_notes(f: _Facts) -> Iterable[str]:
-    if _gguf_names() is None:
-        yield "this adapterops has no GGUF name map: architecture and module names not checked"
-    elif f.architecture is None:
+    if f.architecture is None:
         yield "architecture unknown (pass --base): module names not checked"
 
 
 _NOTES["llama.cpp"] = [_llama_cpp_notes]
-
-
-def _gguf_names() -> dict[str, Any] | None:
-    """The HF -> llama.cpp name map the GGUF format ships (formats/gguf_names.json), or None without it."""
-    file = Path(__file__).parent / "formats" / "gguf_names.json"
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))["architectures"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 @_rule("peft")

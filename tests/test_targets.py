@@ -275,3 +275,20 @@ def test_blend_keeps_agreed_metadata_and_warns_when_bases_differ():
     with pytest.warns(UserWarning, match=r"different base models \(org/base, org/other\)"):
         mixed = ao.blend([a, b.with_metadata(base_model="org/other")], [1, 1])
     assert "base_model" not in mixed.metadata and mixed.metadata["task_type"] == "CAUSAL_LM"
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("LlamaForCausalLM", [("modules", "1 layer, e.g. model.layers.0.weird have no llama.cpp tensor name on llama")]),
+    ("Qwen2ForCausalLM", [("modules", "1 layer, e.g. model.layers.0.weird have no llama.cpp tensor name on qwen2")]),
+    ("FooForCausalLM", [("architecture", "FooForCausalLM is not an architecture adapterops can name for llama.cpp (supported: "
+                                         "LLaMAForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)")]),
+])
+def test_check_llama_cpp_names_modules_with_the_gguf_writers_map(tmp_path, arch, expected):
+    g = torch.Generator().manual_seed(0)
+    Adapter({name: LoraLayer(torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g), 2.0)
+             for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.weird")}).save(tmp_path / "a.st")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"architectures": [arch], "model_type": "llama"}))
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(8, 8), "model.layers.0.weird.weight": torch.zeros(8, 8)},
+              str(tmp_path / "base" / "model.safetensors"))
+    assert [(p.rule, p.message) for p in check(tmp_path / "a.st", "llama.cpp", base=tmp_path / "base").problems] == expected
