@@ -9,6 +9,11 @@ subprocess:
   copy        ``cp -r`` of the checkpoint: the I/O floor;
   adapterops  ``adapterops merge ... --quiet --json``, the command line (streaming, NF4 in and out,
               batches of equal-shape layers on a GPU);
+  gptq        the same with ``--rounding gptq --calibration cal.jsonl``: Hessians from calibration
+              text run through the model layer by layer, then error-feedback rounding (not run
+              unless asked for in ``--routes``; the checkpoint then carries a word-level tokenizer
+              over its vocabulary, and the calibration rows are ``--calibration-samples`` random
+              texts of ``--max-len`` words, one token each);
   bnb         layer by layer with bitsandbytes' own functions: ``dequantize_4bit``, ``W + s B A`` in
               float32, ``quantize_4bit(compress_statistics=True)``, shard by shard through
               ``safetensors`` (skipped when bitsandbytes is not importable).
@@ -23,6 +28,7 @@ reports the median share of the delta NF4 kept (see the README).
     python benchmarks/bench_nf4_merge.py --device cuda --workdir /scratch/bench   # 7B shapes (3.9 GB NF4)
     python benchmarks/bench_nf4_merge.py                                          # CPU: --size small
     python benchmarks/bench_nf4_merge.py --layers 2 --json out.json
+    python benchmarks/bench_nf4_merge.py --device cuda --routes copy,gptq --cold-inputs   # 7B, 128 x 2048 tokens
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from _harness import (
 )
 
 ROUTES = ("copy", "adapterops", "bnb")
+OPTIONAL_ROUTES = ("gptq",)
 SIZES = {
     "7b": {"layers": 32, "hidden": 4096, "intermediate": 11008, "vocab": 32000},
     "small": {"layers": 2, "hidden": 1024, "intermediate": 2816, "vocab": 8000},
@@ -96,6 +103,29 @@ def build_checkpoint(path: Path, dims: dict, device: str, shards: int = 3) -> in
     return total
 
 
+def build_tokenizer(path: Path, vocab: int) -> None:
+    """A word-level tokenizer over ``vocab`` words ``w0`` .. (one token per word), saved into the checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab)}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w2").save_pretrained(str(path))
+
+
+def write_calibration(path: Path, vocab: int, samples: int, length: int) -> None:
+    """``samples`` JSONL rows of ``length`` words drawn Zipf-like from the tokenizer's vocabulary (seed 2)."""
+    import torch
+
+    g = torch.Generator().manual_seed(2)
+    weights = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+    with open(path, "w") as f:
+        for _ in range(samples):
+            ids = torch.multinomial(weights, length, replacement=True, generator=g).tolist()
+            f.write(json.dumps({"text": " ".join(f"w{i}" for i in ids)}) + "\n")
+
+
 def build_adapter(path: Path, dims: dict) -> None:
     """Rank 16 on every linear layer, ||dW|| / ||W|| about 0.1 (fp32 factors, one .st file)."""
     all_linear_adapter(dims, rank=RANK, alpha=ALPHA).save(str(path))
@@ -104,22 +134,31 @@ def build_adapter(path: Path, dims: dict) -> None:
 # --- the routes (run in a child process) -------------------------------------------------------
 
 
-def commands(base: Path, adapter: Path, device: str) -> dict:
+def commands(base: Path, adapter: Path, device: str, calibration: Path, samples: int, max_len: int) -> dict:
     """The routes that are plain commands: ``cp -r`` and ``adapterops merge --json`` as a user types them."""
+    merge = lambda out, *extra: cli("merge", "--base", base, "--adapter", adapter, "--out", out, "--device", device, *extra, "--quiet", "--json")  # noqa: E731
     return {
         "copy": lambda out: ["cp", "-r", str(base), str(out)],
-        "adapterops": lambda out: cli("merge", "--base", base, "--adapter", adapter, "--out", out, "--device", device, "--quiet", "--json"),
+        "adapterops": merge,
+        "gptq": lambda out: merge(out, "--rounding", "gptq", "--calibration", calibration,
+                                  "--calibration-samples", samples, "--max-len", max_len),
     }
 
 
 def report_medians(out: Path, result: dict) -> dict:
-    """Median ``retained`` and ``codes_changed`` from the merge command's ``--json`` report."""
-    if result["route"] != "adapterops":
+    """Medians of ``retained``, ``codes_changed`` (and for GPTQ the output errors) from the merge command's ``--json`` report."""
+    if result["route"] not in ("adapterops", "gptq"):
         return {}
-    rows = json.loads(result["stdout"])["rows"]
-    kept = sorted(r["retained"] for r in rows if r.get("retained") is not None)
-    changed = sorted(r["codes_changed"] for r in rows)
-    return {"retained_median": kept[len(kept) // 2], "codes_changed_median": changed[len(changed) // 2]}
+    report = json.loads(result["stdout"])
+    rows = report["rows"]
+
+    def median(key: str) -> float | None:
+        values = sorted(r[key] for r in rows if r.get(key) is not None)
+        return values[len(values) // 2] if values else None
+
+    keys = ["retained", "codes_changed"] + (["output_error", "output_error_nearest"] if result["route"] == "gptq" else [])
+    medians = {f"{k}_median": median(k) for k in keys}
+    return {**medians, **({"calibration": report["calibration"]} if report.get("calibration") else {})}
 
 
 def route_bnb(base: Path, adapter: Path, out: Path, device: str) -> dict:
@@ -186,6 +225,8 @@ def codes_agree(a: Path, b: Path, names: list[str]) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_merge_arguments(p, routes=ROUTES, sizes=SIZES)
+    p.add_argument("--calibration-samples", type=int, default=128, help="gptq route: calibration rows")
+    p.add_argument("--max-len", type=int, default=2048, help="gptq route: tokens per calibration row")
     args = p.parse_args()
     if args.child:
         fn = globals()[f"route_{args.child}"]
@@ -197,6 +238,9 @@ def main() -> int:
 
     device, dims = resolve_dims(args, SIZES)
     routes = [r for r in args.routes.split(",") if r and (r != "bnb" or importlib.util.find_spec("bitsandbytes"))]
+    unknown = sorted(set(routes) - set(ROUTES + OPTIONAL_ROUTES))
+    if unknown:
+        p.error(f"unknown route {unknown[0]}; routes: {','.join(ROUTES + OPTIONAL_ROUTES)}")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-nf4-"))
     work.mkdir(parents=True, exist_ok=True)
     base, adapter = work / "base", work / "adapter.st"
@@ -205,12 +249,17 @@ def main() -> int:
     start = time.perf_counter()
     size = build_checkpoint(base, dims, device)
     build_adapter(adapter, dims)
+    calibration = work / "calibration.jsonl"
+    if "gptq" in routes:
+        build_tokenizer(base, dims["vocab"])
+        write_calibration(calibration, dims["vocab"], args.calibration_samples, args.max_len)
     print(f"built a {size / 1e9:.2f} GB NF4 checkpoint ({dims}) and a rank-{RANK} all-linear adapter in {time.perf_counter() - start:.0f} s")
     print(f"device: {describe_device(device)}; workdir {work}")
 
     results, outputs = time_routes(
         __file__, routes, work=work, base=base, adapter=adapter, device=device, sync=args.sync, threads=args.threads, repeat=args.repeat,
-        commands=commands(base, adapter, device), cold=args.cold, annotate=report_medians,
+        commands=commands(base, adapter, device, calibration, args.calibration_samples, args.max_len), cold=args.cold,
+        annotate=report_medians,
     )
     last = dims["layers"] - 1
     names = ["model.layers.0.self_attn.q_proj.weight", f"model.layers.{last}.mlp.down_proj.weight", f"model.layers.{last}.mlp.gate_proj.weight"]
@@ -225,9 +274,14 @@ def main() -> int:
         return f"{agree:>19}"
 
     print_table(results, f"{'codes = adapterops':>19}", agreement)
-    ao = next((r for r in results if r["route"] == "adapterops" and "seconds" in r), None)
-    if ao:
-        print(f"adapterops: median share of the delta kept by NF4 {ao['retained_median']:.3f}, median 4-bit codes changed {ao['codes_changed_median']:.3f}")
+    for r in results:
+        if r["route"] in ("adapterops", "gptq") and "seconds" in r:
+            line = f"{r['route']}: median share of the delta kept by NF4 {r['retained_median']:.3f}, median 4-bit codes changed {r['codes_changed_median']:.3f}"
+            if r["route"] == "gptq":
+                cal = r.get("calibration") or {}
+                line += (f", median output error {r['output_error_median']:.3f} (nearest {r['output_error_nearest_median']:.3f})"
+                         f" on {cal.get('sequences')} sequences / {cal.get('tokens')} tokens")
+            print(line)
     if args.json:
         payload = {"device": describe_device(device), "dims": dims, "checkpoint_bytes": size, "rank": RANK, "sync": args.sync,
                    "repeat": args.repeat, "threads": args.threads, "routes": results}

@@ -218,3 +218,29 @@ def test_nf4_linear_casts_leave_its_storage_alone_when_it_is_held_as_parameters(
     layer.to(torch.bfloat16)
     assert layer.codes.dtype == torch.uint8 and isinstance(layer.codes, nn.Parameter) and not layer.codes.requires_grad
     assert torch.equal(layer.dequantize(), before)
+
+
+def test_compiled_layer_adds_the_lora_branch_in_place():
+    """Compiled forward and backward agree with eager and never copy a whole (tokens, out) or
+    (tokens, in) GEMM output to add the LoRA branch to it (what functionalizing ``addmm_`` does)."""
+    from torch.profiler import profile
+
+    layer = LoraLinear(nn.Linear(24, 40, bias=False), rank=4, alpha=8)
+    randomize_b(layer)
+    x = torch.randn(2, 16, 24, requires_grad=True)
+
+    def run(fn):
+        layer.zero_grad()
+        x.grad = None
+        (fn(x) ** 2).sum().backward()
+        return x.grad, layer.lora_A.grad, layer.lora_B.grad
+
+    expected = [t.clone() for t in run(layer)]
+    compiled = torch.compile(layer)
+    run(compiled)
+    with profile(record_shapes=True) as prof:
+        got = run(compiled)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    copied = [e.input_shapes[0] for e in prof.events() if e.name in ("aten::copy_", "aten::addmm") and e.input_shapes]
+    assert [32, 40] not in copied and [32, 24] not in copied, copied

@@ -82,3 +82,38 @@ def test_fused_head_is_used_only_where_it_is_exact():
     gemma_like = tiny_llama(False)
     gemma_like.config.model_type = "gemma2"  # soft-capped logits: not lm_head(hidden) alone
     assert not fused_head_supported(gemma_like)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_loss_and_gradient_compiled_and_eager_equal_the_dense_reference(dtype):
+    """The per-chunk softmax and gradient, eager and through torch.compile (what a compiled run
+    uses), against float64 autograd on the same logits."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(9, 50, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, 50, (9,), generator=g)
+    labels[[1, 6]] = IGNORE
+    scale = torch.tensor(0.37)
+    x = logits.double().requires_grad_()
+    keep = labels != IGNORE
+    ref = torch.nn.functional.cross_entropy(x[keep], labels[keep], reduction="sum")
+    ref.backward()
+    for fn in (loss_module.chunk_loss_grad, loss_module.compiled_chunk_loss_grad()):
+        loss, grad = fn(logits.clone(), labels, scale)
+        assert grad.dtype == dtype
+        torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+        tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-3}
+        torch.testing.assert_close(grad.double(), (x.grad * 0.37).to(dtype).double(), **tol)
+        assert not grad[~keep].any()
+
+
+def test_a_compiled_run_uses_the_compiled_chunk(monkeypatch):
+    calls = []
+    monkeypatch.setattr(loss_module, "compiled_chunk_loss_grad", lambda: lambda *a: calls.append(1) or loss_module.chunk_loss_grad(*a))
+    model = tiny_llama(False, torch.float32)
+    add_lora(model, rank=2, seed=0)
+    b = batch()
+    loss_fn(model, compile=True)(b, 1.0)
+    assert calls
+    calls.clear()
+    loss_fn(model)(b, 1.0)
+    assert not calls

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import LoraLinear, _compute_dtype
+from .layers import LoraLinear, _add_mm_, _compute_dtype
 
 __all__ = ["SHARED_INPUT_GROUPS", "SharedInput", "fuse_shared_inputs"]
 
@@ -117,7 +117,7 @@ class _SharedInputFn(torch.autograd.Function):
         z = torch.mm(x2, A.t())  # (N, in) @ (in, R) -> (N, R)
         o = r = 0
         for n_out, rank, B, s in zip(outs_i, ranks, Bs, scales):
-            y[:, o : o + n_out].addmm_(z[:, r : r + rank], B.to(dtype).t(), alpha=s)  # += s (N, r_i) @ (r_i, out_i)
+            _add_mm_(y[:, o : o + n_out], z[:, r : r + rank], B.to(dtype).t(), s)  # += s (N, r_i) @ (r_i, out_i)
             o, r = o + n_out, r + rank
         ctx.save_for_backward(x2, z, *Ws, *As, *Bs)
         ctx.meta = (k, scales, outs_i, ranks, dtype, x.shape, x.dtype)
@@ -149,7 +149,7 @@ class _SharedInputFn(torch.autograd.Function):
             if need_x:
                 W = torch.cat([w.to(dtype) for w in Ws])  # (O, in)
                 dx = torch.mm(torch.cat(gs, dim=1), W)  # (N, O) @ (O, in) -> (N, in)
-                dx.addmm_(gz, torch.cat([a.to(dtype) for a in As]))  # += (N, R) @ (R, in)
+                _add_mm_(dx, gz, torch.cat([a.to(dtype) for a in As]), 1.0)  # += (N, R) @ (R, in)
                 dx = dx.reshape(x_shape).to(x_dtype)
         none: list[Any] = [None] * (2 * k)  # the frozen weights and biases
         return (dx, None, None, *none, *dAs, *dBs)

@@ -49,10 +49,11 @@ def fused_head_supported(model: nn.Module) -> bool:
     return not (head._forward_hooks or head._forward_pre_hooks)
 
 
-def loss_fn(model: nn.Module, *, fused: bool | None = None) -> Callable[[dict[str, torch.Tensor], float], torch.Tensor]:
+def loss_fn(model: nn.Module, *, fused: bool | None = None, compile: bool = False) -> Callable[[dict[str, torch.Tensor], float], torch.Tensor]:
     """``f(batch, scale) -> scale * summed cross entropy`` over the trained tokens of ``batch``.
 
-    ``fused``: None picks the fused head when ``fused_head_supported(model)``.
+    ``fused``: None picks the fused head when ``fused_head_supported(model)``. ``compile``: the
+    fused head's per-chunk softmax and gradient run through ``torch.compile``.
     """
     if fused is None:
         fused = fused_head_supported(model)
@@ -70,11 +71,12 @@ def loss_fn(model: nn.Module, *, fused: bool | None = None) -> Callable[[dict[st
     decoder = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
     segments = _takes_kwargs(decoder)
+    chunk_fn = compiled_chunk_loss_grad() if compile else chunk_loss_grad
 
     def fused_loss(batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         hidden = decoder(**model_inputs(batch, segments=segments), use_cache=False).last_hidden_state
         labels = shifted_labels(batch["labels"]).reshape(-1)  # (B T,)
-        return _HeadCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, scale)
+        return _HeadCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, scale, chunk_fn)
 
     return fused_loss
 
@@ -134,12 +136,12 @@ class _HeadCrossEntropy(torch.autograd.Function):
     """``scale * sum_t CE(h_t @ W.T, y_t)`` over tokens with ``y_t != IGNORE``, chunk by chunk.
 
     h (N, H), W (V, H) frozen, y (N,). Per chunk: logits = h_c @ W.T in the compute dtype, then
-    float32 (or wider); lse = logsumexp(logits); loss += lse - logits[y]; dL/dh_c = scale * (exp(logits - lse)
-    - onehot(y)) @ W, stored for backward.
+    ``chunk_fn`` (``chunk_loss_grad``, compiled or not) in float32 (or wider): lse = logsumexp(logits);
+    loss += lse - logits[y]; dL/dh_c = scale * (exp(logits - lse) - onehot(y)) @ W, stored for backward.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, scale):
+    def forward(ctx, hidden, weight, labels, scale, chunk_fn):
         dtype = autocast_dtype(hidden.device.type) or hidden.dtype
         h = hidden.to(dtype)
         W = weight.to(dtype)
@@ -147,21 +149,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
         chunk = max(1, min(n, _CHUNK_BYTES // (4 * vocab)))
         need_grad = hidden.requires_grad
         grad = torch.empty_like(h) if need_grad else None
-        acc = _at_least_float32(dtype)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
+        total = torch.zeros((), dtype=_at_least_float32(dtype), device=hidden.device)
+        scale_t = torch.full((), scale, dtype=total.dtype, device=hidden.device)  # a tensor: one compiled graph for every step
         for s in range(0, n, chunk):
-            y = labels[s : s + chunk]
-            valid = y != IGNORE  # (c,)
-            logits = torch.mm(h[s : s + chunk], W.t()).to(acc)  # (c, H) @ (H, V) -> (c, V)
-            lse = torch.logsumexp(logits, dim=1)  # (c,)
-            target = y.clamp(min=0)
-            picked = logits.gather(1, target[:, None]).squeeze(1)  # (c,)
-            total += ((lse - picked) * valid).sum()
+            logits = torch.mm(h[s : s + chunk], W.t())  # (c, H) @ (H, V) -> (c, V)
+            loss, dlogits = chunk_fn(logits, labels[s : s + chunk], scale_t)
+            total += loss
             if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs[torch.arange(len(y), device=y.device), target] -= 1.0
-                probs.mul_((valid.to(probs.dtype) * scale)[:, None])
-                grad[s : s + chunk] = torch.mm(probs.to(dtype), W)  # (c, V) @ (V, H) -> (c, H)
+                grad[s : s + chunk] = torch.mm(dlogits, W)  # (c, V) @ (V, H) -> (c, H)
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
         return total * scale
@@ -170,5 +165,34 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return None, None, None, None
-        return (grad * grad_output.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None
+            return None, None, None, None, None
+        return (grad * grad_output.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None, None
+
+
+def chunk_loss_grad(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of CE over the valid tokens, dL/dlogits)`` of one chunk of logits (c, V), computed in
+    float32 at least; the gradient ``scale * (softmax - onehot(y))`` (zero rows where ``y`` is
+    IGNORE) comes back in the logits' dtype. Overwrites ``logits`` when they already are float32."""
+    x = logits.to(_at_least_float32(logits.dtype))
+    valid = labels != IGNORE  # (c,)
+    target = labels.clamp(min=0)
+    lse = torch.logsumexp(x, dim=1)  # (c,)
+    picked = x.gather(1, target[:, None]).squeeze(1)  # (c,)
+    loss = ((lse - picked) * valid).sum()
+    probs = x.sub_(lse[:, None]).exp_()  # softmax, in place
+    probs[torch.arange(len(labels), device=probs.device), target] -= 1.0
+    probs.mul_((valid.to(probs.dtype) * scale)[:, None])
+    return loss, probs.to(logits.dtype)
+
+
+_compiled_chunk = None
+
+
+def compiled_chunk_loss_grad() -> Callable:
+    """``chunk_loss_grad`` through ``torch.compile``: one pass over the logits for the softmax and
+    one that writes the gradient, instead of the float32 copy and the half-dozen passes of eager
+    mode (on an H200, 6 ms of a 104 ms LoRA step of a 1.1B model on 8 x 1024 tokens)."""
+    global _compiled_chunk
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(chunk_loss_grad)
+    return _compiled_chunk
