@@ -8,7 +8,8 @@ weight is dequantized on the fly in forward and again in backward, never kept.
 
 For these bases the forward and backward run as one autograd function: the LoRA output is
 accumulated into the base GEMM's output (``addmm_`` with ``alpha=scale``), the input gradient of
-both branches into one buffer, and nothing of size (tokens, out) is allocated besides the output.
+both branches into one buffer, and nothing of size (tokens, out) is allocated besides the output
+(compiled too: see ``_add_mm_``).
 """
 
 from __future__ import annotations
@@ -241,19 +242,22 @@ class _LoraLinearFn(torch.autograd.Function):
         return dx, dh, dW, db, dA, dB, None, None
 
 
-def _add_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    """``out += alpha * a @ b`` in place (one GEMM with beta = 1)."""
+def _add_mm_in_place(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
     out.addmm_(a, b, alpha=alpha)
 
 
 # Under torch.compile an in-place ``addmm_`` on a fresh GEMM output is functionalized into an
 # out-of-place ``addmm``, which first copies the whole (N, out) output: 2 copies per LoRA layer
 # and step, 6% of a compiled step on an H200. As an opaque custom op that mutates ``out`` it
-# stays in place (inductor re-inplaces it).
+# stays in place (inductor re-inplaces it). Eager calls skip the op's dispatch overhead.
+_add_mm_op = None
 if hasattr(torch.library, "custom_op"):  # torch >= 2.4
-    _add_mm_ = torch.library.custom_op("adapterops::add_mm_", mutates_args=("out",))(_add_mm)
-else:  # pragma: no cover
-    _add_mm_ = _add_mm
+    _add_mm_op = torch.library.custom_op("adapterops::add_mm_", mutates_args=("out",))(_add_mm_in_place)
+
+
+def _add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """``out += alpha * a @ b`` in place (one GEMM with beta = 1), compiled or not."""
+    (_add_mm_op if _add_mm_op is not None and torch.compiler.is_compiling() else _add_mm_in_place)(out, a, b, alpha)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
