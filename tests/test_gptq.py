@@ -4,6 +4,7 @@ Hessians (calibration and data-free), and ``merge`` / ``quantize`` with ``roundi
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -263,6 +264,26 @@ def test_bad_rounding_options_fail_before_writing(tiny, tmp_path, options, messa
     _, nf4 = tiny
     with pytest.raises(AdapterOpsError, match=message):
         adapterops.merge(nf4, adapter_for(nf4, scale=0.02), tmp_path / "out", progress=False, **options)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"intermediate_size": 40}, r"gate_proj.weight is \[\d+, \d+\] in the checkpoint, but the model its config.json describes has it \[40,"),
+        ({"vocab_size": 16}, "embed_tokens.weight is .* has it \\[16,"),
+        ({"num_attention_heads": 3}, "cannot read the model config for calibration"),
+    ],
+)
+def test_calibration_refuses_a_config_that_does_not_describe_the_weights(tiny, tmp_path, change, message):
+    """A config.json that builds a different model (or none) fails before anything is written."""
+    _, nf4 = tiny
+    base = tmp_path / "base"
+    shutil.copytree(nf4, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(AdapterOpsError, match=message):
+        adapterops.merge(base, adapter_for(nf4, scale=0.02), tmp_path / "out", rounding="gptq", calibration=CALIBRATION, progress=False)
     assert not (tmp_path / "out").exists()
 
 

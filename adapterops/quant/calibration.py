@@ -136,13 +136,18 @@ def _decoder_layers(model: nn.Module, num_layers: int | None) -> tuple[str, nn.M
 def _load_parameters(module: nn.Module, prefix: str, checkpoint: Checkpoint, stored: Mapping, device: torch.device,
                      deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Replace the meta parameters of ``module`` by the checkpoint's, decoded to float32 on ``device``."""
-    for name, _ in list(module.named_parameters()):
+    for name, param in list(module.named_parameters()):
         full = prefix + name
         if full not in stored:
             raise FormatError(f"{checkpoint.source}: the model's parameter {full} is not in the checkpoint; calibration needs the full model")
         codec, members = stored[full]
         tensors = {m: checkpoint.read(m).to(device) for m in members}
         value = codec.decode(tensors, full).to(torch.float32)
+        if value.shape != param.shape:
+            raise FormatError(
+                f"{checkpoint.source}: {full} is {list(value.shape)} in the checkpoint, but the model its config.json "
+                f"describes has it {list(param.shape)}; the config does not belong to these weights"
+            )
         if full in deltas:
             L, R = deltas[full]
             value += L.to(device, torch.float32) @ R.to(device, torch.float32)  # (out, r) @ (r, in)
@@ -240,8 +245,8 @@ def collect_hessians(
         raise FormatError(f"{checkpoint.source}: no config.json, which calibration needs to build the model")
     try:
         config = transformers.AutoConfig.from_pretrained(checkpoint.root)
-    except (OSError, ValueError, KeyError) as exc:
-        raise FormatError(f"{checkpoint.source}: cannot read the model config for calibration ({exc})") from None
+    except Exception as exc:  # transformers' config validation raises its own exception types too
+        raise FormatError(f"{checkpoint.source}: cannot read the model config for calibration ({' '.join(str(exc).split())[:300]})") from None
     if tokenizer is None and isinstance(data, (str, os.PathLike)):
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint.root)
@@ -254,8 +259,17 @@ def collect_hessians(
         del config.quantization_config
     config.use_cache = False
     examples = calibration_examples(data, tokenizer, samples=samples, max_len=max_len)
-    with _parameters_on_meta():
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its advice on model classes is not this command's output
+    try:
+        with _parameters_on_meta():
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as exc:  # whatever the model class raises for a config it cannot take
+        raise UnsupportedOperationError(
+            f"{checkpoint.source}: calibration cannot build a causal LM from its config.json ({' '.join(str(exc).split())[:300]})"
+        ) from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     model.eval()
     stored = logical_weights(checkpoint)
     prefix, layers = _decoder_layers(model, getattr(config, "num_hidden_layers", None))
