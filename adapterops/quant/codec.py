@@ -18,7 +18,6 @@ Registered with ``adapterops.storage.register_codec`` when this module is import
 from __future__ import annotations
 
 import dataclasses
-import json
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 from ..checkpoint import NF4_STATE_SUFFIX, Checkpoint
 from ..errors import FormatError
 from ..storage import register_codec
-from .nf4 import STATE_SUFFIXES, NF4Tensor, dequantize_nf4, from_state_dict, quantize_nf4_many, to_state_dict
+from .nf4 import STATE_SUFFIXES, NF4Tensor, dequantize_nf4, from_state_dict, parse_state, quantize_nf4_many, to_state_dict
 from .nf4 import _dequantize_flat
 from .gptq import quantize_gptq_many
 
@@ -66,11 +65,7 @@ class NF4Codec:
         """The JSON quantization state of ``weight`` (read once per checkpoint)."""
         states = self._states.setdefault(checkpoint, {})
         if weight not in states:
-            raw = checkpoint.read(weight + NF4_STATE_SUFFIX)
-            try:
-                states[weight] = json.loads(bytes(raw.reshape(-1).tolist()).decode("utf-8"))
-            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-                raise FormatError(f"{checkpoint.source}: {weight}: unreadable quantization state ({type(exc).__name__})") from None
+            states[weight] = parse_state(checkpoint.read(weight + NF4_STATE_SUFFIX), f"{checkpoint.source}: {weight}")
         return states[weight]
 
     def shape(self, checkpoint: Checkpoint, weight: str) -> tuple[int, ...]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,6 +55,7 @@ __all__ = [
     "dequantize_nf4_many",
     "to_state_dict",
     "from_state_dict",
+    "parse_state",
     "unpack_codes",
 ]
 
@@ -402,6 +404,14 @@ def to_state_dict(q: NF4Tensor, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def parse_state(raw: torch.Tensor, name: str) -> Any:
+    """The JSON quantization state of weight ``name``, stored as the uint8 tensor ``raw``."""
+    try:
+        return json.loads(bytes(raw.reshape(-1).cpu().tolist()).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise FormatError(f"{name}: unreadable quant_state ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
 def from_state_dict(tensors: Mapping[str, torch.Tensor], name: str) -> NF4Tensor:
     """Read weight ``name`` back from its bitsandbytes entries (see ``to_state_dict``)."""
     key = f"{name}.quant_state.bitsandbytes__nf4"
@@ -410,13 +420,13 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], name: str) -> NF4Tensor
         if f"{name}.quant_state.bitsandbytes__fp4" in tensors:
             raise FormatError(f"{name}: stored as bitsandbytes FP4; only NF4 is supported")
         raise FormatError(f"{name}: not an NF4 weight (missing {', '.join(missing)})")
+    state = parse_state(tensors[key], name)
     try:
-        state = json.loads(bytes(tensors[key].cpu().tolist()).decode("utf-8"))
         shape = tuple(int(s) for s in state["shape"])
         blocksize = int(state["blocksize"])
         dtype = {v: k for k, v in FLOAT_DTYPES.items()}[str(state["dtype"])]
         quant_type = state.get("quant_type", "nf4")
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FormatError(f"{name}: unreadable quant_state ({type(exc).__name__}: {str(exc)[:200]})") from None
     if quant_type != "nf4":
         raise FormatError(f"{name}: quant_type {quant_type!r}; only NF4 is supported")
