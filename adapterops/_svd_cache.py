@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 
 from . import _intruders
 from ._files import atomic_output
-from ._safetensors import TensorEntry, read_exact, read_header
+from ._safetensors import TORCH_DTYPES, TensorEntry, read_exact, read_header
 from .checkpoint import NF4_STATE_SUFFIX, Checkpoint, Target, match_layers
 from .errors import FormatError, NonFiniteError
 
@@ -92,16 +92,11 @@ def content_key(parts: Sequence[tuple[str, torch.Tensor]], *, transposed: bool) 
     return h.hexdigest()
 
 
-def entry_layout(shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype, str]]:
-    """What an entry for a weight of ``shape`` (out, in) holds: key -> (shape, torch dtype, safetensors dtype)."""
+def entry_layout(shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What an entry for a weight of ``shape`` (out, in) holds: key -> (shape, dtype)."""
     out, inp = shape
     n = min(out, inp)
-    return {
-        "Ut": ((n, out), torch.float16, "F16"),
-        "UtW_rows": ((n, inp), torch.float16, "F16"),
-        "UtW_norms": ((n,), torch.float32, "F32"),
-        "S": ((n,), torch.float32, "F32"),
-    }
+    return {"Ut": ((n, out), torch.float16), "UtW_rows": ((n, inp), torch.float16), "UtW_norms": ((n,), torch.float32), "S": ((n,), torch.float32)}
 
 
 def half_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +199,7 @@ class SvdCache:
             entries = {k: header.entries[k] for k in expect}
         except (FormatError, KeyError, OSError):  # corrupt or of another version: recompute and overwrite
             return None
-        if any(e.shape != shape_ or e.dtype != dt for e, (shape_, _, dt) in zip(entries.values(), expect.values())):
+        if any(e.shape != shape_ or TORCH_DTYPES.get(e.dtype) != dtype for e, (shape_, dtype) in zip(entries.values(), expect.values())):
             return None
         try:
             os.utime(path)  # least recently used goes first when pruning
@@ -413,7 +408,7 @@ def base_svd_chunks(
 
     def submit(names: list[str]) -> tuple[dict[str, torch.Tensor], list[Future]]:
         layout = entry_layout(weights.shape(targets[names[0]]))
-        stacked = {k: torch.empty((len(names), *shape), dtype=dtype, device=device) for k, (shape, dtype, _) in layout.items()}
+        stacked = {k: torch.empty((len(names), *shape), dtype=dtype, device=device) for k, (shape, dtype) in layout.items()}
         return stacked, [readers.submit(prepare, n, {k: v[j] for k, v in stacked.items()}) for j, n in enumerate(names)]
 
     try:
