@@ -34,7 +34,6 @@ __all__ = [
     "cli",
     "drop_page_cache",
     "describe_device",
-    "device_name",
     "is_linear",
     "llama_config",
     "llama_tensors",
@@ -369,16 +368,8 @@ def resolve_dims(args: argparse.Namespace, sizes: dict[str, dict]) -> tuple[str,
     return device, dims
 
 
-def device_name(device: str) -> str:
-    """The GPU's name, or ``cpu (N cores)``: how the training benchmarks label their runs."""
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({os.cpu_count()} cores)"
-
-
 def describe_device(device: str) -> str:
+    """How every benchmark labels the device it ran on: the GPU's name, or the CPU's cores."""
     if device.startswith("cuda"):
         import torch
 

@@ -33,7 +33,7 @@ from contextlib import nullcontext
 
 import torch
 
-from _harness import device_name
+from _harness import describe_device
 
 IMPLS = ["peft", "peft+autocast", "adapterops-loop", "adapterops", "adapterops+compile"]
 MODES = ["lora", "lora-gc", "qlora"]
@@ -243,7 +243,7 @@ def main() -> None:
     print(_table(cfg, rows))
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as f:
-            json.dump({"config": cfg, "device_name": device_name(cfg["device"]), "rows": rows}, f, indent=2)
+            json.dump({"config": cfg, "device_name": describe_device(cfg["device"]), "rows": rows}, f, indent=2)
 
 
 def _ratios(rows: list[dict]) -> None:
@@ -269,7 +269,7 @@ def _format(r: dict) -> str:
 def _table(cfg: dict, rows: list[dict]) -> str:
     memory = "peak GB (cuda allocated)" if cfg["device"].startswith("cuda") else "peak GB (max RSS)"
     head = (f"Llama-shaped h={cfg['hidden']} i={cfg['intermediate']} L={cfg['layers']} V={cfg['vocab']}, "
-            f"batch {cfg['batch']} x {cfg['seq']}, all-linear r={cfg['rank']}, {cfg['dtype']}, {device_name(cfg['device'])}")
+            f"batch {cfg['batch']} x {cfg['seq']}, all-linear r={cfg['rank']}, {cfg['dtype']}, {describe_device(cfg['device'])}")
     lines = [head, "", f"{'mode':<8} {'impl':<19} {'tokens/s':>10} {'x best peft':>11} {memory:>26} {'x best peft':>11}"]
     for r in rows:
         if "error" in r:

@@ -45,7 +45,7 @@ from contextlib import nullcontext
 
 import torch
 
-from _harness import device_name
+from _harness import describe_device
 
 IMPLS = ["peft", "peft+autocast", "peft+packed", "liger", "adapterops", "adapterops+fuse"]
 ONLY = {"peft+packed": {"mix"}, "adapterops+fuse": {"fixed"}}
@@ -292,7 +292,7 @@ def main() -> None:
         sys.exit("no CUDA device here; use --small")
     on_cpu = cfg["device"] == "cpu"
     impls = args.impls.split(",") if args.impls else [i for i in IMPLS if not (on_cpu and i in ("liger", "peft+autocast"))]
-    report = {"config": cfg, "device": device_name(cfg["device"]), "peak_tflops": measure_peak(cfg["device"]),
+    report = {"config": cfg, "device": describe_device(cfg["device"]), "peak_tflops": measure_peak(cfg["device"]),
               "packing_check": check_packing(cfg["device"]), "rows": []}
     print(f"bf16 peak {report['peak_tflops']:.0f} TFLOP/s; packing check {report['packing_check']}", file=sys.stderr, flush=True)
     for group in PROCESSES:
