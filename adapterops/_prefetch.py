@@ -22,7 +22,7 @@ __all__ = ["ENV", "base_files", "start"]
 ENV = "ADAPTEROPS_PREFETCH"
 COMMANDS = frozenset({"merge", "unmerge", "quantize"})
 BLOCK = 64 * 1024 * 1024  # few reads, so the thread seldom asks the importing thread for the GIL
-INDEX = "model.safetensors.index.json"
+INDEX = "model.safetensors.index.json"  # checkpoint.INDEX_NAME, spelled here: that module imports torch
 
 
 def start(argv: Sequence[str]) -> threading.Thread | None:
