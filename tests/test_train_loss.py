@@ -104,6 +104,8 @@ def test_chunk_loss_and_gradient_compiled_and_eager_equal_the_dense_reference(dt
         tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-3}
         torch.testing.assert_close(grad.double(), (x.grad * 0.37).to(dtype).double(), **tol)
         assert not grad[~keep].any()
+        loss_only, none = fn(logits.clone(), labels, scale, False)  # evaluation: the loss, no gradient pass
+        assert none is None and torch.equal(loss_only, loss)
 
 
 def test_a_compiled_run_uses_the_compiled_chunk(monkeypatch):

@@ -153,7 +153,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         scale_t = torch.full((), scale, dtype=total.dtype, device=hidden.device)  # a tensor: one compiled graph for every step
         for s in range(0, n, chunk):
             logits = torch.mm(h[s : s + chunk], W.t())  # (c, H) @ (H, V) -> (c, V)
-            loss, dlogits = chunk_fn(logits, labels[s : s + chunk], scale_t)
+            loss, dlogits = chunk_fn(logits, labels[s : s + chunk], scale_t, need_grad)
             total += loss
             if need_grad:
                 grad[s : s + chunk] = torch.mm(dlogits, W)  # (c, V) @ (V, H) -> (c, H)
@@ -169,16 +169,19 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return (grad * grad_output.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None, None
 
 
-def chunk_loss_grad(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_loss_grad(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(sum of CE over the valid tokens, dL/dlogits)`` of one chunk of logits (c, V), computed in
     float32 at least; the gradient ``scale * (softmax - onehot(y))`` (zero rows where ``y`` is
-    IGNORE) comes back in the logits' dtype. Overwrites ``logits`` when they already are float32."""
+    IGNORE) comes back in the logits' dtype, or None without ``grad``. Overwrites ``logits`` when
+    they already are float32."""
     x = logits.to(_at_least_float32(logits.dtype))
     valid = labels != IGNORE  # (c,)
     target = labels.clamp(min=0)
     lse = torch.logsumexp(x, dim=1)  # (c,)
     picked = x.gather(1, target[:, None]).squeeze(1)  # (c,)
     loss = ((lse - picked) * valid).sum()
+    if not grad:
+        return loss, None
     probs = x.sub_(lse[:, None]).exp_()  # softmax, in place
     probs[torch.arange(len(labels), device=probs.device), target] -= 1.0
     probs.mul_((valid.to(probs.dtype) * scale)[:, None])
