@@ -97,7 +97,7 @@ def test_errors_are_one_line(base_dir, data, tmp_path):
     bad.write_text('{"text": "ok"}\n{"prompt": 3, "completion": "x"}\n')
     r = train("--base", base_dir, "--data", bad, "-o", tmp_path / "y.st", "--steps", 1)
     assert r.exit_code == 1
-    assert r.output.startswith(f"Error: bad training data: {bad}:2: \"prompt\" and \"completion\" must be strings")
+    assert r.output.startswith(f"Error: bad JSONL rows: {bad}:2: \"prompt\" and \"completion\" must be strings")
     assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "y.st").exists()
 

@@ -125,8 +125,8 @@ def test_bad_rows_are_all_reported_with_file_and_line(tok, tmp_path):
     with pytest.raises(FormatError) as info:
         read_jsonl(path)
     message = str(info.value)
-    assert "\n" not in message and message.startswith("bad training data: ")
-    lines = ["bad training data:"] + re.split(f"; (?={re.escape(str(path))}:)", message.removeprefix("bad training data: "))
+    assert "\n" not in message and message.startswith("bad JSONL rows: ")
+    lines = ["bad JSONL rows:"] + re.split(f"; (?={re.escape(str(path))}:)", message.removeprefix("bad JSONL rows: "))
     assert [line.split(": ", 1)[0] for line in lines[1:]] == [f"{path}:{n}" for n in (3, 4, 5, 6, 7, 8, 9, 10)]
     assert "not valid JSON" in lines[1] and "expected a JSON object, got list" in lines[2]
     assert '"prompt" without "completion"' in lines[3] and 'no "assistant" message' in lines[4]

@@ -85,7 +85,7 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
 def _report(problems: Sequence[str]) -> None:
     """Raise one FormatError naming the first few bad rows (file:line: what is wrong)."""
     more = f" (and {len(problems) - _MAX_REPORTED} more)" if len(problems) > _MAX_REPORTED else ""
-    raise FormatError("bad training data: " + "; ".join(problems[:_MAX_REPORTED]) + more)
+    raise FormatError("bad JSONL rows: " + "; ".join(problems[:_MAX_REPORTED]) + more)
 
 
 def _check_row(row: Any) -> str | None:
