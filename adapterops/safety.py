@@ -23,6 +23,7 @@ read], force=force)`` first and write through ``atomic_output(out, force=force, 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -97,7 +98,23 @@ def check_output(out: PathLike, *, inputs: Inputs | Iterable[PathLike | None] = 
             raise OutputOverlapError(f"{out}: the output is the same file as the input {source} (a hard link); choose another output path")
     if (out.exists() or out.is_symlink()) and not force:
         raise OutputExistsError(f"{out} already exists; pass force=True (--force on the command line) to overwrite it")
+    kind = _special_kind(out)
+    if kind:
+        raise OutputExistsError(f"{out} is {kind}, not a file or directory; only those are ever replaced, even with --force; choose another output path")
     return out
+
+
+def _special_kind(path: Path) -> str | None:
+    """What ``path`` (or the target of the symlink it is) is when that exists as something other
+    than a regular file or directory."""
+    for look in (path.lstat, path.stat):
+        try:
+            mode = look().st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+            return "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return None
 
 
 def _relation(out: Path, source: Path, target: Path, resolved: Path) -> str:

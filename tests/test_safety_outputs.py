@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -114,6 +115,19 @@ def test_quantize_and_blend_and_train_outputs_onto_inputs(files):
             files / "data.jsonl", "is also an input", keep_out=True)
     refused(["diagnose", files / "peft", "--plot", files / "peft" / "plot.png", "--force"], [files / "peft"], files / "peft" / "plot.png",
             "lies inside the input")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink to a fifo"])
+@pytest.mark.parametrize("command", [["compress", "--rank", "1"], ["convert", "--to", "native"], ["merge"]])
+def test_force_never_replaces_what_is_not_a_file_or_directory(files, tmp_path, kind, command):
+    special = tmp_path / "pipe"
+    os.mkfifo(special)
+    out = special if kind == "fifo" else tmp_path / "link"
+    if out != special:
+        out.symlink_to(special)
+    args = ["merge", "-b", files / "base", "-a", files / "a.st"] if command == ["merge"] else [command[0], files / "a.st", *command[1:]]
+    refused([*args, "-o", out, "--force"], [files / "a.st"], out, "is a named pipe, not a file or directory", keep_out=True)
+    assert stat.S_ISFIFO(special.lstat().st_mode) and (out == special or out.is_symlink())
 
 
 def test_a_symlink_to_an_input_is_that_input(files, tmp_path):
