@@ -20,6 +20,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -378,7 +379,7 @@ def match_layers(
     bytes). Every problem is collected and raised at once as BaseMismatchError, before any work.
     """
     if isinstance(checkpoint, Checkpoint):
-        names, shape_of, conv1d = checkpoint.names(), checkpoint.shape, fan_in_fan_out or checkpoint.is_conv1d()
+        names, shape_of, conv1d = checkpoint.names(), checkpoint.shape, _stores_in_out(checkpoint, fan_in_fan_out)
     else:
         names, shape_of, conv1d = list(checkpoint), lambda n: tuple(checkpoint[n]), fan_in_fan_out
     weights = [n for n in names if n.endswith(".weight")]
@@ -417,6 +418,21 @@ def match_layers(
             raise BaseMismatchError(f"adapter layers {used[target.tensor]} and {name} both map to {target.tensor}")
         used[target.tensor] = name
     return targets
+
+
+def _stores_in_out(checkpoint: Checkpoint, fan_in_fan_out: bool) -> bool:
+    """Whether the checkpoint's linear weights are stored (in, out). A config that names the model
+    type decides, as in PEFT, which honours ``fan_in_fan_out`` only on Conv1D layers and turns it
+    off (with a warning) on ``nn.Linear`` ones; without one, the adapter's flag is all there is."""
+    config = checkpoint.config() or {}
+    if "model_type" not in config:
+        return fan_in_fan_out
+    if fan_in_fan_out and not checkpoint.is_conv1d():
+        warnings.warn(
+            f"the adapter sets fan_in_fan_out, but {checkpoint.root} is a {config['model_type']!r} model of nn.Linear "
+            "layers; ignoring it, as PEFT does", stacklevel=3,
+        )
+    return checkpoint.is_conv1d()
 
 
 def _find(name: str, weight_set: set[str], weights: Iterable[str], flat: Mapping[str, list[str]]) -> str | None:

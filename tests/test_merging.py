@@ -286,6 +286,24 @@ def test_gpt2_conv1d_matches_peft(tmp_path):
         torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6)
 
 
+def test_fan_in_fan_out_on_a_linear_model_is_ignored_as_peft_does(tmp_path):
+    model = tiny_llama_model(torch.float32)
+    model.save_pretrained(tmp_path / "base")
+    peft_model(model, ["q_proj", "v_proj"]).save_pretrained(tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "fan_in_fan_out": True}))  # as some tools write it
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):  # PEFT's own warning, then ours
+        from peft import PeftModel
+
+        reference = PeftModel.from_pretrained(tiny_llama_model(torch.float32), tmp_path / "adapter").merge_and_unload().state_dict()
+        adapterops.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False)
+    ours = read_all(tmp_path / "out")
+    assert any("q_proj" in n for n in ours)  # square: the flag would have transposed it
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6)
+
+
 def test_dora_matches_peft_and_refuses_unmerge(tmp_path):
     model = tiny_llama_model(torch.float32)
     model.save_pretrained(tmp_path / "base")
