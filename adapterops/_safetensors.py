@@ -136,6 +136,10 @@ def _parse(file: Path, text: bytes, size: int) -> Header:
         raise _Bad("the header nests too deeply") from None
     if not isinstance(header, dict):
         raise _Bad("the header is not a JSON object")
+    try:
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # as the safetensors library, refuse what no UTF-8 file can hold
+        raise _Bad("the header escapes an unpaired UTF-16 surrogate (\\uD800-\\uDFFF), which is not text") from None
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}

@@ -386,3 +386,24 @@ def test_gguf_adapters_survive_mutation(originals, tmp_path):
         assert ours == theirs, (ours, theirs)
 
     fuzz(80, 5, make, lambda p: ao.load(p, base=base), check)
+
+
+def test_an_unpaired_surrogate_escape_is_refused_like_safetensors_and_printed_safely(originals, tmp_path):
+    header, data = split((originals / "native.st").read_bytes())
+    bad = tmp_path / "surrogate.st"
+    bad.write_bytes(join({**header, "\ud800": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}, data))
+    with pytest.raises(Exception):  # the oracle: the safetensors library refuses the header
+        safe_open(bad, "pt")
+    with pytest.raises(AdapterOpsError, match="unpaired UTF-16 surrogate"):
+        ao.load(bad)
+    from click.testing import CliRunner
+    from adapterops.cli import main
+
+    meta = dict(header["__metadata__"])
+    key = "adapterops_metadata"
+    stored = json.loads(meta[key])
+    named = tmp_path / "named.st"  # a lone surrogate inside the adapter's own JSON metadata: loads, and prints
+    named.write_bytes(join({**header, "__metadata__": {**meta, key: json.dumps({**stored, "base_model": "\ud800"})}}, data))
+    result = CliRunner().invoke(main, ["info", str(named)])
+    assert result.exit_code == 0 and result.exception is None, result.output
+    assert "\\ud800" in result.output

@@ -145,7 +145,10 @@ def status(message: str) -> None:
 
 def printable(text: str) -> str:
     """``text`` with the undecodable bytes of non-UTF-8 file names shown as ``\\xe9`` (printing them fails)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # an unpaired surrogate from a JSON escape, not a file name's byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def refuse_existing(path: str | Path, force: bool, inputs: Inputs | list[Any] | tuple[Any, ...] = ()) -> Inputs:
