@@ -216,6 +216,8 @@ def _index_shards(root: Path, index: Any) -> list[Path]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise FormatError(f"{where}: no weight_map (expected an object mapping tensor names to shard files)")
+    if not isinstance(index.get("metadata") or {}, dict):
+        raise FormatError(f"{where}: metadata is {type(index['metadata']).__name__}, expected a JSON object")
     shards = []
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard or "\0" in shard:

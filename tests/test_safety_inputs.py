@@ -466,6 +466,20 @@ def test_index_must_agree_with_the_shards(tmp_path, case):
         Checkpoint(base)
 
 
+@pytest.mark.parametrize("metadata", [[1], "x", 3])
+def test_index_metadata_must_be_an_object_and_is_checked_before_any_work(tmp_path, metadata):
+    base = tiny_base(tmp_path / "base")
+    index = base / "model.safetensors.index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "metadata": metadata}))
+    with pytest.raises(FormatError, match="metadata is .*, expected a JSON object"):
+        Checkpoint(base)
+    a, b = factors(8, 6, 2)
+    Adapter({Q: LoraLayer(a, b, 2.0)}).save(tmp_path / "a.st")
+    result = cli("merge", "-b", base, "-a", tmp_path / "a.st", "-o", tmp_path / "out")
+    assert_one_error_line(result, "metadata is", "expected a JSON object")
+    assert not (tmp_path / "out").exists()
+
+
 def test_truncated_base_shard_names_the_file(tmp_path):
     base = tiny_base(tmp_path / "base")
     shard = base / "model-00002-of-00002.safetensors"
