@@ -7,6 +7,7 @@ The end-to-end check with the real llama.cpp is tests/test_llama_cpp_interop.py.
 
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -153,6 +154,13 @@ def test_corrupt_containers_are_format_errors(tmp_path, gguf_base):
         (tmp_path / name).write_bytes(raw)
         with pytest.raises(FormatError):
             read_gguf(tmp_path / name)
+    file = read_gguf(gguf_base)
+    first = next(iter(file.tensors.values()))  # its first dimension (ggml's ne[0]) set to 0
+    at = data.index(first.name.encode()) + len(first.name) + 4
+    (tmp_path / "zero.gguf").write_bytes(data[:at] + struct.pack("<Q", 0) + data[at + 8 :])
+    with pytest.raises(FormatError, match=r"^\S+zero.gguf: tensor .* a dimension of size 0") as caught:
+        read_gguf(tmp_path / "zero.gguf")
+    assert "cannot read" not in str(caught.value)
 
 
 # ---------------------------------------------------------------- llama.cpp's rule, exact per layer

@@ -120,6 +120,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             return _read_directory(_Reader(data, path))
+    except FormatError:  # a ValueError too, and already says what is wrong
+        raise
     except (OSError, ValueError) as exc:  # mmap raises ValueError on an empty file
         raise FormatError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
 
@@ -145,6 +147,8 @@ def _read_directory(r: _Reader) -> GGUFFile:
         if not 1 <= n_dims <= 4:
             raise FormatError(f"{path}: tensor {name} has {n_dims} dimensions; GGUF allows 1 to 4")
         ne = [r.scalar("Q") for _ in range(n_dims)]
+        if 0 in ne:
+            raise FormatError(f"{path}: tensor {name} has a dimension of size 0 ({ne}); llama.cpp reads no such tensor")
         infos.append((name, tuple(reversed(ne)), r.scalar("I"), r.scalar("Q")))
     alignment = metadata.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
