@@ -418,6 +418,8 @@ def _peft_auto(f: _Facts) -> Iterable[Problem]:
     base = f.config.get("base_model_name_or_path")
     if not base:
         yield Problem("base_model", "base_model_name_or_path is not set, so AutoPeftModel cannot find the base", fix="set from --base")
+    elif not isinstance(base, str):
+        yield Problem("base_model", f"base_model_name_or_path is {type(base).__name__} {str(base)[:40]}, not a Hub id or path", fix="set from --base")
     elif not Path(base).is_absolute() and Path(base).exists():
         yield Problem("base_model", f"base_model_name_or_path {base!r} is a relative path, which resolves only from this directory",
                       fix="made absolute")

@@ -145,6 +145,11 @@ def test_check_peft_needs_task_type_and_a_findable_base(tmp_path, monkeypatch):
     (p,) = check(d, "peft").problems
     assert p.message == "base_model_name_or_path 'rel' is a relative path, which resolves only from this directory"
     assert check(d, "transformers").ok  # load_adapter needs neither
+    config.update(base_model_name_or_path=3)
+    (d / "adapter_config.json").write_text(json.dumps(config))
+    (p,) = check(d, "peft").problems
+    assert p.message == "base_model_name_or_path is int 3, not a Hub id or path"
+    assert "base_model" not in ao.load(d).metadata
 
 
 def test_check_with_base_finds_modules_and_shapes_that_do_not_fit(tmp_path, base):

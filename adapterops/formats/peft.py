@@ -155,10 +155,11 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], config: Mapping[str, An
         if rslora:  # the alpha that gives PEFT's scale under our alpha / rank convention
             layer = dataclasses.replace(layer, alpha=lora_scale(alpha, want, rslora=True) * want)
         layers[module] = layer
-    metadata = {"base_model": config.get("base_model_name_or_path"), "task_type": config.get("task_type")}
+    named = {"base_model": config.get("base_model_name_or_path"), "task_type": config.get("task_type")}
+    metadata: dict[str, Any] = {k: v for k, v in named.items() if isinstance(v, str)}  # a name that is not text names nothing
     if _config_field(config, "fan_in_fan_out", source):
         metadata["fan_in_fan_out"] = True
-    return Adapter(require_layers(source, layers), {k: v for k, v in metadata.items() if v is not None})
+    return Adapter(require_layers(source, layers), metadata)
 
 
 def to_state_dict(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
