@@ -208,7 +208,8 @@ class Adapter(Mapping[str, LoraLayer]):
         for name in self.keys() & other.keys():
             a, b = self[name], other[name]
             _check_same_shape(name, [a, b])
-            Ba, Aa = a.folded()
+            wide = torch.float64 if a.A.device.type != "mps" else None  # the squares of large deltas overflow float32
+            Ba, Aa = a.folded(dtype=wide)
             Bb, Ab = b.to(device=a.A.device).folded(dtype=Ba.dtype)
             values[name] = float(linalg.factored_inner(Ba, Aa, Bb, Ab))
         values = {n: values[n] for n in self if n in values}

@@ -173,6 +173,21 @@ def test_allow_nonfinite(files):
     ok("blend", files / "nan.st", files / "a.st", "-o", files / "nanmix.st", "--allow-nonfinite")
 
 
+def test_json_output_is_strict_json_even_for_huge_and_infinite_values(files):
+    huge = Adapter({n: LoraLayer(layer.A, layer.B * 1e18, layer.alpha) for n, layer in adapter(1).items()})
+    huge.save(files / "huge.st")  # finite, but the squares of its entries overflow float32
+    strict = {"parse_constant": lambda word: pytest.fail(f"{word} is not JSON")}
+    summary = json.loads(ok("compare", files / "huge.st", files / "huge.st", "--json").stdout, **strict)["summary"]
+    expected = 1e18 * math.sqrt(sum(float(torch.linalg.matrix_norm(layer.delta().double())) ** 2 for layer in adapter(1).values()))
+    assert summary["norm_a"] == pytest.approx(expected, rel=1e-6) and summary["cosine"] == pytest.approx(1.0)
+    data = json.loads(ok("info", files / "nan.st", "--allow-nonfinite", "--json").stdout, **strict)
+    assert data["nonfinite_layers"] == [V]
+    from adapterops.cli._common import strict_json
+
+    assert json.loads(strict_json({"x": float("nan"), "y": [float("-inf")], "s": "NaN or Infinity"}), **strict) == {
+        "x": None, "y": [None], "s": "NaN or Infinity"}
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -117,15 +117,24 @@ def emit(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
     to the JSON (set ADAPTEROPS_DEBUG=1 to see the error instead).
     """
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=_json_default))
+        click.echo(strict_json(data))
         return
     try:
         text = render(data)
     except Exception:
         if os.environ.get(DEBUG_ENV):
             raise
-        text = json.dumps(data, indent=2, default=_json_default)
+        text = strict_json(data)
     click.echo(printable(text))
+
+
+def strict_json(data: Any) -> str:
+    """``data`` as JSON that strict parsers read: a NaN or infinity (which ``json.dumps`` writes as
+    the bare words NaN and Infinity, outside the JSON grammar) becomes null."""
+    text = json.dumps(data, indent=2, default=_json_default)
+    if "NaN" in text or "Infinity" in text:  # a cheap test first; the words may also sit in strings
+        text = json.dumps(json.loads(text, parse_constant=lambda _: None), indent=2)
+    return text
 
 
 def _json_default(value: Any) -> Any:
