@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -181,10 +182,14 @@ def remember_output(path: str | Path | None) -> None:
 
 
 def parse_floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=what) from None
+    """``"1,0.5"`` -> ``[1.0, 0.5]``; an empty field, or a number Python alone reads (``1_0``), is refused."""
+    fields = [x.strip() for x in text.split(",")]
+    if not all(_NUMBER.fullmatch(x) for x in fields):
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=what)
+    return [float(x) for x in fields]
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")

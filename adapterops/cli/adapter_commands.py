@@ -82,7 +82,7 @@ def blend(adapters, weights, method, density, majority_sign, seed, epsilon, gamm
     input rank); --json reports each layer's kept rank and the share of its merged delta's energy kept.
     """
     rule = rank_rule(rank, energy, budget, required=False)
-    w = parse_floats(weights, "--weights") if weights else [1.0 / len(adapters)] * len(adapters)
+    w = parse_floats(weights, "--weights") if weights is not None else [1.0 / len(adapters)] * len(adapters)
     if len(w) != len(adapters):
         raise AdapterOpsError(f"--weights has {len(w)} values for {len(adapters)} adapters; give one weight per adapter")
     options = {k: v for k, v in {"majority_sign": majority_sign, "epsilon": epsilon, "gamma": gamma}.items() if v is not None}

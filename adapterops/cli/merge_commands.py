@@ -40,7 +40,7 @@ TABLE_ROWS = 10
 
 
 def _weights(weights: str | None, adapters: tuple[str, ...], default: float) -> list[float]:
-    w = parse_floats(weights, "--weights") if weights else [default] * len(adapters)
+    w = parse_floats(weights, "--weights") if weights is not None else [default] * len(adapters)
     if len(w) != len(adapters):
         raise click.UsageError(f"{len(adapters)} adapters but {len(w)} weights")
     return w
