@@ -104,6 +104,20 @@ def check_output(out: PathLike, *, inputs: Inputs | Iterable[PathLike | None] = 
     return out
 
 
+def check_work_dir(path: PathLike, *, inputs: Iterable[PathLike | None], what: str) -> None:
+    """Refuse a directory a command writes into as it goes (a cache, checkpoints) that is, or lies
+    inside, an input: inputs are never written to."""
+    for source in (Path(p) for p in inputs if p is not None):
+        if not source.exists():
+            continue
+        for t in _forms(Path(path)):
+            for s in _forms(source):
+                if t == s or s in t.parents:
+                    raise OutputOverlapError(
+                        f"{what} {path} {'is' if t == s else 'lies inside'} the input {source}: inputs are never written to; choose another directory"
+                    )
+
+
 def _special_kind(path: Path) -> str | None:
     """What ``path`` (or the target of the symlink it is) is when that exists as something other
     than a regular file or directory."""

@@ -117,6 +117,16 @@ def test_quantize_and_blend_and_train_outputs_onto_inputs(files):
             "lies inside the input")
 
 
+def test_cache_and_checkpoint_directories_never_lie_in_an_input(files, tmp_path):
+    refused(["diagnose", files / "a.st", "--base", files / "base", "--cache-dir", files / "base"], [files / "base"], files / "base",
+            "--cache-dir", keep_out=True)
+    refused(["diagnose", files / "peft", "--cache-dir", files / "peft" / "cache"], [files / "peft"], files / "peft" / "cache", "lies inside the input")
+    train = ["train", "-b", files / "base", "--data", files / "data.jsonl", "--steps", "1", "--device", "cpu"]
+    refused([*train, "-o", tmp_path / "t.st", "--checkpoint-dir", files / "base" / "ck", "--save-every", "1"], [files / "base"],
+            files / "base" / "ck", "--checkpoint-dir")
+    refused([*train, "-o", tmp_path / "t.st", "--checkpoint-dir", tmp_path / "t.st"], [files / "base"], tmp_path / "t.st", "overlap", code=2)
+
+
 @pytest.mark.parametrize("kind", ["fifo", "symlink to a fifo"])
 @pytest.mark.parametrize("command", [["compress", "--rank", "1"], ["convert", "--to", "native"], ["merge"]])
 def test_force_never_replaces_what_is_not_a_file_or_directory(files, tmp_path, kind, command):

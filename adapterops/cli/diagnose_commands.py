@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..diagnostics import compare as compare_adapters
 from ..diagnostics import diagnose as diagnose_adapter
 from ..formats import load
 from ..report import format_comparison, format_diagnosis, plot_diagnosis, require_matplotlib
+from ..safety import check_work_dir
 from . import main
 from ._common import (
     allow_nonfinite_option,
@@ -46,6 +49,8 @@ def diagnose(adapter, base, top_k, epsilon, plot, cache_dir, no_cache, limit, de
         require_matplotlib()
     source = load(adapter, allow_nonfinite=allow_nonfinite)
     cache = False if no_cache else cache_dir
+    if cache:
+        check_work_dir(cache, inputs=[adapter, base if base and Path(base).exists() else None], what="--cache-dir")
     report = diagnose_adapter(
         source, base, top_k=top_k, epsilon=epsilon, device=default_device(device), cache=cache, progress=not quiet and is_tty()
     )

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from ..errors import AdapterOpsError, FormatError
+from ..safety import check_work_dir
 from ..formats import FORMATS, default_format
 from . import main
 from ._common import default_device, device_option, emit, force_option, json_option, output_option, quiet_option, refuse_existing, status
@@ -124,6 +125,11 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
         raise FormatError(f"{base}: not a Hugging Face model directory (no config.json)")
     Checkpoint(path)  # only safetensors are ever parsed: a pickle-only or malformed base stops here, before transformers
     reading.add([path])  # the base, data and checkpoint must hold still while they are read
+    if checkpoint_dir is not None:
+        check_work_dir(checkpoint_dir, inputs=[path, data, eval_path], what="--checkpoint-dir")
+        out, ck = Path(os.path.abspath(output)), Path(os.path.abspath(checkpoint_dir))
+        if out == ck or ck in out.parents or out in ck.parents:
+            raise click.UsageError(f"-o {output} and --checkpoint-dir {checkpoint_dir} overlap; give the checkpoints a directory of their own")
     device = default_device(device)
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
