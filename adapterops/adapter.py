@@ -356,6 +356,9 @@ def blend(
         raise AdapterOpsError(f"{len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
     _refuse_dora(f"blend (method {method})", *adapters)
     fn = get_method(method)
+    bad = [n for a in adapters for n in a.nonfinite_layers()] if method != "linear" else []
+    if bad:
+        raise NonFiniteError(f"layer {bad[0]} holds NaN or Inf, which method {method!r} cannot work with; only the exact 'linear' sum carries them")
     if density is not None:
         if not _is_scalar(density) or not 0 < float(density) <= 1:
             raise AdapterOpsError(f"density must be in (0, 1], got {density}")

@@ -30,7 +30,7 @@ from . import linalg
 from ._progress import Progress
 from .adapter import Adapter, LoraLayer
 from .checkpoint import Checkpoint
-from .errors import AdapterOpsError, BaseMismatchError
+from .errors import AdapterOpsError, BaseMismatchError, NonFiniteError
 from .rewrite import resolve_device
 from .storage import logical_weights
 
@@ -92,6 +92,9 @@ def extract(
                 chunk = names[i : i + per]
                 diffs = [_read(t, wt, n, dev) - _read(b, wb, n, dev) for n in chunk]
                 prog.advance(len(chunk), sum(2 * math.prod(shape) for _ in chunk))
+                bad = [n for n, d in zip(chunk, diffs) if not bool(torch.isfinite(d).all())]
+                if bad:
+                    raise NonFiniteError(f"{bad[0]}: NaN or Inf in the base or the fine-tuned weight, whose difference then has no SVD")
                 changed = [(n, d.mT if conv1d else d) for n, d in zip(chunk, diffs) if bool(d.any())]
                 if changed:
                     _decompose(changed, rule, value, layers, report)

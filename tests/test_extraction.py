@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import adapterops
 from adapterops import Adapter, LoraLayer
-from adapterops.errors import AdapterOpsError, BaseMismatchError
+from adapterops.errors import AdapterOpsError, BaseMismatchError, NonFiniteError
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -138,3 +138,14 @@ def test_bad_requests(pair, tmp_path):
     other = write(tmp_path / "other", {"m.a.q.weight": torch.zeros(64, 95, dtype=torch.float64)})
     with pytest.raises(BaseMismatchError, match=r"not in the tuned checkpoint.*shape mismatch.*m\.a\.q\.weight: base \[64, 96\], tuned \[64, 95\]"):
         adapterops.extract(base, other, rank=2, progress=False)
+
+
+def test_a_weight_holding_nan_is_named_instead_of_failing_in_the_svd(pair, tmp_path):
+    base, tuned, _ = pair
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tuned / "model.safetensors"))
+    tensors["m.a.k.weight"][3, 4] = float("nan")
+    poisoned = write(tmp_path / "poisoned", tensors)
+    with pytest.raises(NonFiniteError, match=r"^m\.a\.k\.weight: NaN or Inf"):
+        adapterops.extract(base, poisoned, rank=2, progress=False)
