@@ -103,6 +103,9 @@ def read_header(file: str | os.PathLike) -> Header:
         raw = os.pread(fd, 8, 0)
         if len(raw) < 8:
             raise FormatError(f"{file}: not a readable safetensors file ({len(raw)} bytes, shorter than the 8-byte header length)")
+        if raw[:4] == b"GGUF":
+            raise FormatError(f"{file}: a GGUF file, not safetensors; this command reads safetensors checkpoints (llama.cpp's "
+                              "GGUF is read as an adapter, and as the base of convert --to gguf)")
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER:
             raise FormatError(f"{file}: not a readable safetensors file (header length {n} is implausible: the limit is {MAX_HEADER:,} bytes)")

@@ -402,3 +402,10 @@ def test_cli_convert_to_gguf_and_back(tmp_path, hf_base, gguf_base):
     res = runner.invoke(main, ["convert", str(tmp_path / "a.st"), "--to", "gguf", "-o", str(tmp_path / "c.gguf")])
     assert res.exit_code == 1 and res.output.count("\n") == 1 and res.output.startswith("Error: a GGUF adapter needs its base model")
     assert not (tmp_path / "c.gguf").exists()
+
+
+def test_a_gguf_model_given_as_a_safetensors_base_is_named_as_gguf(gguf_base):
+    from adapterops.checkpoint import Checkpoint
+
+    with pytest.raises(FormatError, match="a GGUF file, not safetensors"):
+        Checkpoint(gguf_base)
