@@ -308,9 +308,15 @@ def _existing_file(path: str | os.PathLike) -> Path:
     return path
 
 
+MAX_JSON_BYTES = 100_000_000  # as for safetensors headers: configs and indexes are kilobytes to megabytes
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """The JSON value in ``path``; FormatError when it is missing, unreadable or not strict JSON."""
     path = Path(path)
+    size = path.stat().st_size if path.is_file() else 0
+    if size > MAX_JSON_BYTES:
+        raise FormatError(f"{path}: {size:,} bytes, too large for a config or index (the limit is {MAX_JSON_BYTES:,})")
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:

@@ -556,3 +556,13 @@ def test_library_errors_are_adapterops_errors(tmp_path):
         (tmp_path / "x.st").write_bytes(raw)
         with pytest.raises(AdapterOpsError):
             ao.load(tmp_path / "x.st")
+
+
+def test_an_oversized_config_is_refused_without_reading_it(tmp_path):
+    d = tmp_path / "peft"
+    a, b = factors(8, 6, 2)
+    Adapter({Q: LoraLayer(a, b, 2.0)}).save(d, format="peft")
+    with open(d / "adapter_config.json", "r+b") as f:
+        f.truncate(200_000_000)  # sparse: no disk used, but reading it whole would take 200 MB
+    with pytest.raises(FormatError, match="200,000,000 bytes, too large for a config"):
+        ao.load(d)
