@@ -181,3 +181,10 @@ def test_rows_nested_too_deep_or_with_huge_numbers_are_reported(tmp_path):
         read_jsonl(path)
     message = str(info.value)
     assert f"{path}:2: not usable JSON" in message and f"{path}:3: not usable JSON" in message
+
+
+def test_a_row_escaping_an_unpaired_surrogate_is_a_bad_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "\\ud800"}\n', encoding="utf-8")
+    with pytest.raises(FormatError, match=r"d\.jsonl:2: escapes an unpaired UTF-16 surrogate"):
+        read_jsonl(path)

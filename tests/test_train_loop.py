@@ -218,6 +218,7 @@ def test_jsonl_paths_need_a_tokenizer(tmp_path, smollm2_dir):
         ({"warmup": 1.5}, "warmup must be a step count"),
         ({"save_every": 2}, "save_every needs checkpoint_dir"),
         ({"lr_ratio": -1.0}, "lr_ratio must be positive"),
+        ({"epochs": math.inf}, "epochs must be a positive finite number"),
     ],
 )
 def test_bad_settings_are_reported_together(kwargs, words):
@@ -236,6 +237,12 @@ def test_a_model_without_lora_or_data_is_refused():
         train_lora(model, [])
     with pytest.raises(AdapterOpsError, match=re.escape("train_data[0] must be a dict")):
         train_lora(model, [{"input_ids": [1]}])
+    with pytest.raises(AdapterOpsError, match=f"train_data holds token id {VOCAB}, outside the model's {VOCAB} embedding rows"):
+        train_lora(model, [{"input_ids": [1, VOCAB]}], steps=1)
+    with pytest.raises(AdapterOpsError, match="eval_data holds token id -1"):
+        train_lora(model, dataset(), [{"input_ids": [1, -1]}], steps=1)
+    with pytest.raises(AdapterOpsError, match="alpha/rank fits float32"):
+        add_lora(tiny_llama(), rank=2, alpha=1e308)
 
 
 def test_compiled_blocks_train_to_the_same_losses():

@@ -134,7 +134,10 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
     torch_dtype = getattr(torch, _DTYPES[dtype]) if _DTYPES[dtype] else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # no tokenizer files, or ones transformers cannot read
+        raise FormatError(f"{base}: cannot load its tokenizer ({' '.join(str(exc).split())[:200]})") from None
     train_set = load_jsonl(data, tokenizer, max_len=max_len, packing=packing)
     eval_set = load_jsonl(eval_path, tokenizer, max_len=max_len, packing=packing) if eval_path else None
     if quiet:

@@ -318,8 +318,8 @@ def add_lora(
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise AdapterOpsError(f"rank must be a positive integer, got {rank!r}")
     alpha = float(rank if alpha is None else alpha)
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise AdapterOpsError(f"alpha must be a positive number, got {alpha!r}")
+    if not math.isfinite(alpha) or alpha <= 0 or alpha / rank > torch.finfo(torch.float32).max:
+        raise AdapterOpsError(f"alpha must be a positive number whose scale alpha/rank fits float32, got {alpha!r}")
     if not 0.0 <= dropout < 1.0:
         raise AdapterOpsError(f"dropout must be in [0, 1), got {dropout!r}")
     if init not in INITS:

@@ -162,6 +162,8 @@ def train_lora(
     _check_settings(lr, lr_ratio, epochs, steps, batch_size, grad_accum, max_grad_norm, warmup, eval_every, save_every, checkpoint_dir)
     train = _examples(train_data, tokenizer, max_len, packing, "train_data")
     evals = None if eval_data is None else _examples(eval_data, tokenizer, max_len, packing, "eval_data")
+    for examples, what in ((train, "train_data"), (evals or [], "eval_data")):
+        _check_token_ids(model, examples, what)
     first = next(iter(modules.values())).lora_A
     device = first.device
     pad_id = _pad_id(tokenizer)
@@ -367,6 +369,19 @@ def _examples(data: Any, tokenizer: Any, max_len: int | None, packing: bool, wha
     return pack(examples, max_len)
 
 
+def _check_token_ids(model: nn.Module, examples: Sequence[dict[str, Any]], what: str) -> None:
+    """Refuse token ids outside the model's input embedding (data tokenized for another model)."""
+    embed = getattr(model, "get_input_embeddings", None)
+    rows = getattr(embed() if callable(embed) else None, "num_embeddings", None)
+    if not isinstance(rows, int) or not examples:
+        return
+    low = min(min(e["input_ids"]) for e in examples)
+    high = max(max(e["input_ids"]) for e in examples)
+    if low < 0 or high >= rows:
+        raise AdapterOpsError(f"{what} holds token id {high if high >= rows else low}, outside the model's {rows} embedding rows; "
+                              "was it tokenized for another model (or does the tokenizer have more tokens than the model)?")
+
+
 def _compute_dtype(model: nn.Module, bf16: bool) -> torch.dtype:
     """The dtype the frozen model computes in: bfloat16 under autocast, else its weights' own."""
     if bf16:
@@ -400,8 +415,8 @@ def _check_settings(lr, lr_ratio, epochs, steps, batch_size, grad_accum, max_gra
         problems.append(f"lr_ratio must be positive, got {lr_ratio}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         problems.append(f"steps must be a positive integer, got {steps!r}")
-    if steps is None and not epochs > 0:
-        problems.append(f"epochs must be positive, got {epochs}")
+    if steps is None and not 0 < epochs < math.inf:
+        problems.append(f"epochs must be a positive finite number, got {epochs}")
     for name, value in (("batch_size", batch_size), ("grad_accum", grad_accum)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"{name} must be a positive integer, got {value!r}")
