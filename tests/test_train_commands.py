@@ -59,6 +59,16 @@ def test_train_writes_an_adapter_and_a_json_summary(base_dir, data, tmp_path):
     assert any(torch.count_nonzero(layer.B) for layer in adapter.values())
 
 
+def test_train_writes_gguf_for_its_own_base(base_dir, data, tmp_path):
+    out = tmp_path / "a.gguf"
+    r = train("--base", base_dir, "--data", data, "-o", out, "--rank", 2, "--targets", "q_proj", "--steps", 1, "-q")
+    assert r.exit_code == 0, r.output
+    trained = load(out, base=base_dir)
+    assert sorted(trained) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    r = CliRunner().invoke(main, ["compress", str(out), "--rank", "1", "--format", "gguf", "-o", str(tmp_path / "b.gguf")])
+    assert r.exit_code == 2 and "'gguf' is not one of" in r.stderr
+
+
 def test_human_output_and_progress_on_stderr(base_dir, data, tmp_path):
     r = train("--base", base_dir, "--data", data, "-o", tmp_path / "peft_dir", "--rank", 2, "--steps", 2, "--qlora")
     assert r.exit_code == 0, r.output

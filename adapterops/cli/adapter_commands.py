@@ -27,9 +27,9 @@ from ._common import (
     refuse_existing,
 )
 
-format_option = click.option(
-    "--format", "fmt", type=click.Choice(list(FORMATS)), default=None,
-    help="Output format (default: native for a path with a suffix, peft for a directory).",
+format_option = click.option(  # no gguf: it needs the base model, which only convert (--base) and train are given
+    "--format", "fmt", type=click.Choice([f for f in FORMATS if f != "gguf"]), default=None,
+    help="Output format (default: native for a path with a suffix, peft for a directory; GGUF: convert --to gguf --base).",
 )
 
 

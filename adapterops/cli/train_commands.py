@@ -163,7 +163,8 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     if rank_ != 0:
         return
     adapter = result.adapter.to(device="cpu").with_metadata(base_model=str(base))
-    adapter.save(output, format=fmt, force=force, inputs=[path, data, eval_path, resume])
+    gguf = (fmt or default_format(output)) == "gguf"
+    adapter.save(output, format=fmt, force=force, inputs=[path, data, eval_path, resume], base=path if gguf else None)
     summary = {**result.to_dict(), "output": output, "format": fmt or default_format(output), "base": str(base),
                "device": device, "qlora": qlora}
     emit(summary, as_json, _render)

@@ -311,8 +311,8 @@ def write(adapter: Adapter, path: Path, *, base: str | os.PathLike | GGUFBase | 
     """Write ``adapter`` as a llama.cpp LoRA GGUF for ``base``; every layer's delta is kept exactly."""
     if base is None:
         raise FormatError(
-            "a GGUF adapter needs its base model (base=, --base): a HF checkpoint directory, a Hub repo id, "
-            "or the base's .gguf file, for the architecture and llama.cpp's tensor names"
+            "a GGUF adapter needs its base model (base= in Python; on the command line, convert --to gguf --base, or train): "
+            "a HF checkpoint directory, a Hub repo id, or the base's .gguf file, for the architecture and llama.cpp's tensor names"
         )
     if adapter.is_dora:
         raise UnsupportedOperationError("DoRA adapters cannot be written as GGUF: llama.cpp applies plain LoRA only; merge it into the base instead")
