@@ -92,7 +92,7 @@ def test_merge_shape_mismatch_is_one_line(files, tmp_path):
 
 def test_weights_count_is_a_usage_error(files, tmp_path):
     result = invoke("merge", "-b", files / "base", "-a", files / "a.st", "-w", "1,2", "-o", tmp_path / "m")
-    assert result.exit_code == 2 and "1 adapters but 2 weights" in result.output
+    assert result.exit_code == 2 and "--weights has 2 values for 1 adapters" in result.output
 
 
 def test_unmerge_refuses_dora(tmp_path):

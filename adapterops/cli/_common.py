@@ -189,6 +189,14 @@ def parse_floats(text: str, what: str) -> list[float]:
     return [float(x) for x in fields]
 
 
+def parse_weights(text: str | None, count: int, default: float) -> list[float]:
+    """``--weights`` for ``count`` adapters (``default`` each when not given); a usage error unless one per adapter."""
+    weights = parse_floats(text, "--weights") if text is not None else [default] * count
+    if len(weights) != count:
+        raise click.UsageError(f"--weights has {len(weights)} values for {count} adapters; give one weight per adapter")
+    return weights
+
+
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import click
 
 from ..adapter import blend as blend_adapters
-from ..errors import AdapterOpsError
 from ..formats import FORMATS, default_format, load
 from ..safety import Inputs
 from ..summary import summarize
@@ -21,7 +20,7 @@ from ._common import (
     force_option,
     json_option,
     output_option,
-    parse_floats,
+    parse_weights,
     rank_rule,
     rank_rule_options,
     refuse_existing,
@@ -82,9 +81,7 @@ def blend(adapters, weights, method, density, majority_sign, seed, epsilon, gamm
     input rank); --json reports each layer's kept rank and the share of its merged delta's energy kept.
     """
     rule = rank_rule(rank, energy, budget, required=False)
-    w = parse_floats(weights, "--weights") if weights is not None else [1.0 / len(adapters)] * len(adapters)
-    if len(w) != len(adapters):
-        raise AdapterOpsError(f"--weights has {len(w)} values for {len(adapters)} adapters; give one weight per adapter")
+    w = parse_weights(weights, len(adapters), 1.0 / len(adapters))
     options = {k: v for k, v in {"majority_sign": majority_sign, "epsilon": epsilon, "gamma": gamma}.items() if v is not None}
     inputs = refuse_existing(output, force, list(adapters))
     values = [load(p, allow_nonfinite=allow_nonfinite) for p in adapters]

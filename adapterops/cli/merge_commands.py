@@ -20,7 +20,7 @@ from ._common import (
     is_tty,
     json_option,
     output_option,
-    parse_floats,
+    parse_weights,
     quiet_option,
     refuse_existing,
     status,
@@ -37,13 +37,6 @@ adapter_option = click.option(
 base_option = click.option("--base", "-b", required=True, help="Base checkpoint: directory, safetensors file or Hub repo id.")
 
 TABLE_ROWS = 10
-
-
-def _weights(weights: str | None, adapters: tuple[str, ...], default: float) -> list[float]:
-    w = parse_floats(weights, "--weights") if weights is not None else [default] * len(adapters)
-    if len(w) != len(adapters):
-        raise click.UsageError(f"{len(adapters)} adapters but {len(w)} weights")
-    return w
 
 
 def _num(value: object, spec: str) -> str:
@@ -134,7 +127,7 @@ def merge(base, adapters, weights, output, device, dtype, force, allow_nonfinite
     adapter are copied byte for byte. Into an NF4 base, --rounding gptq chooses the 4-bit codes
     that keep the adapter's effect on the layer outputs (with --calibration text, or without).
     """
-    _run(merge_checkpoint, base, adapters, _weights(weights, adapters, 1.0), output, device, dtype, force, quiet, as_json, allow_nonfinite,
+    _run(merge_checkpoint, base, adapters, parse_weights(weights, len(adapters), 1.0), output, device, dtype, force, quiet, as_json, allow_nonfinite,
          rounding=rounding, calibration=calibration, calibration_samples=calibration_samples, max_len=calibration_max_len)
 
 
@@ -142,7 +135,7 @@ def merge(base, adapters, weights, output, device, dtype, force, allow_nonfinite
 @_merge_options(weights_help="The weights the adapters were merged with (default: 1 each).")
 def unmerge(base, adapters, weights, output, device, dtype, force, allow_nonfinite, quiet, as_json):
     """Subtract adapters from a merged checkpoint (merge with the weights negated; not for DoRA)."""
-    _run(unmerge_checkpoint, base, adapters, _weights(weights, adapters, 1.0), output, device, dtype, force, quiet, as_json, allow_nonfinite)
+    _run(unmerge_checkpoint, base, adapters, parse_weights(weights, len(adapters), 1.0), output, device, dtype, force, quiet, as_json, allow_nonfinite)
 
 
 @main.command()
