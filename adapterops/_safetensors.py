@@ -28,6 +28,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -124,6 +125,19 @@ def read_header(file: str | os.PathLike) -> Header:
         raise FormatError(f"{file}: not a readable safetensors file ({exc})") from None
 
 
+NOT_TEXT = "escapes an unpaired UTF-16 surrogate (\\uD800-\\uDFFF), which is not text"
+
+
+def is_text(value: Any) -> bool:
+    """Whether the strings of a parsed JSON ``value`` are Unicode text: ``json.loads`` turns an
+    escaped lone surrogate (``"\\ud800"``) into a str that no UTF-8 file or terminal can hold."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse(file: Path, text: bytes, size: int) -> Header:
     try:
         decoded = text.decode("utf-8")
@@ -139,10 +153,8 @@ def _parse(file: Path, text: bytes, size: int) -> Header:
         raise _Bad("the header nests too deeply") from None
     if not isinstance(header, dict):
         raise _Bad("the header is not a JSON object")
-    try:
-        json.dumps(header, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:  # as the safetensors library, refuse what no UTF-8 file can hold
-        raise _Bad("the header escapes an unpaired UTF-16 surrogate (\\uD800-\\uDFFF), which is not text") from None
+    if not is_text(header):  # as the safetensors library, refuse what no UTF-8 file can hold
+        raise _Bad(f"the header {NOT_TEXT}")
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}

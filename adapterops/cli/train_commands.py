@@ -14,8 +14,8 @@ from typing import Any
 import click
 
 from ..errors import AdapterOpsError, FormatError
-from ..safety import check_work_dir
 from ..formats import FORMATS, default_format
+from ..safety import check_work_dir
 from . import main
 from ._common import default_device, device_option, emit, force_option, json_option, output_option, quiet_option, refuse_existing, status
 

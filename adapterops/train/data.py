@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .._safetensors import NOT_TEXT, is_text
 from ..errors import FormatError
 
 __all__ = ["IGNORE", "Dataset", "read_jsonl", "tokenize_row", "load_jsonl", "pack", "collate"]
@@ -70,7 +71,7 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
         except (ValueError, RecursionError):  # numbers of too many digits, nesting too deep
             problems.append(f"{path}:{number}: not usable JSON (too deeply nested, or a number too long)")
             continue
-        problem = _check_row(row) or _not_text(row)
+        problem = _check_row(row) or (None if is_text(row) else NOT_TEXT)
         if problem:
             problems.append(f"{path}:{number}: {problem}")
         else:
@@ -86,14 +87,6 @@ def _report(problems: Sequence[str]) -> None:
     """Raise one FormatError naming the first few bad rows (file:line: what is wrong)."""
     more = f" (and {len(problems) - _MAX_REPORTED} more)" if len(problems) > _MAX_REPORTED else ""
     raise FormatError("bad JSONL rows: " + "; ".join(problems[:_MAX_REPORTED]) + more)
-
-
-def _not_text(row: Any) -> str | None:
-    try:
-        json.dumps(row, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return "escapes an unpaired UTF-16 surrogate (\\uD800-\\uDFFF), which is not text"
-    return None
 
 
 def _check_row(row: Any) -> str | None:
