@@ -219,6 +219,7 @@ def test_jsonl_paths_need_a_tokenizer(tmp_path, smollm2_dir):
         ({"save_every": 2}, "save_every needs checkpoint_dir"),
         ({"lr_ratio": -1.0}, "lr_ratio must be positive"),
         ({"epochs": math.inf}, "epochs must be a positive finite number"),
+        ({"lr_ratio": 1e308}, "lr * lr_ratio = 2e+304 does not fit float32"),
     ],
 )
 def test_bad_settings_are_reported_together(kwargs, words):

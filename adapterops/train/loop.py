@@ -413,6 +413,8 @@ def _check_settings(lr, lr_ratio, epochs, steps, batch_size, grad_accum, max_gra
         problems.append(f"lr must be a positive finite number, got {lr}")
     if lr_ratio is not None and not 0 < lr_ratio < math.inf:
         problems.append(f"lr_ratio must be positive, got {lr_ratio}")
+    elif 0 < lr < math.inf and lr * (lr_ratio or 1.0) > torch.finfo(torch.float32).max:
+        problems.append(f"lr * lr_ratio = {lr * (lr_ratio or 1.0):g} does not fit float32, which the optimizer computes in")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         problems.append(f"steps must be a positive integer, got {steps!r}")
     if steps is None and not 0 < epochs < math.inf:
