@@ -429,12 +429,13 @@ def _stores_in_out(checkpoint: Checkpoint, fan_in_fan_out: bool) -> bool:
     config = checkpoint.config() or {}
     if "model_type" not in config:
         return fan_in_fan_out
-    if fan_in_fan_out and not checkpoint.is_conv1d():
+    conv1d = checkpoint.is_conv1d()
+    if fan_in_fan_out and not conv1d:
         warnings.warn(
             f"the adapter sets fan_in_fan_out, but {checkpoint.root} is a {config['model_type']!r} model of nn.Linear "
             "layers; ignoring it, as PEFT does", stacklevel=3,
         )
-    return checkpoint.is_conv1d()
+    return conv1d
 
 
 def _find(name: str, weight_set: set[str], weights: Iterable[str], flat: Mapping[str, list[str]]) -> str | None:

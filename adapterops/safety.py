@@ -83,17 +83,15 @@ def check_output(out: PathLike, *, inputs: Inputs | Iterable[PathLike | None] = 
     """
     out = Path(out)
     paths = inputs.paths if isinstance(inputs, Inputs) else [Path(p) for p in inputs if p is not None]
-    targets = _forms(out)
     for source in paths:
         if not (source.exists() or source.is_symlink()):
             continue  # a Hub repo id, or a file that is missing (its reader reports that)
-        for t in targets:
-            for s in _forms(source):
-                if t == s or t in s.parents or s in t.parents:
-                    raise OutputOverlapError(
-                        f"{out} {_relation(out, source, t, s)}: writing there would overwrite it, and inputs are never "
-                        "overwritten, not even with --force; choose another output path"
-                    )
+        forms = overlap(out, source)
+        if forms:
+            raise OutputOverlapError(
+                f"{out} {_relation(out, source, *forms)}: writing there would overwrite it, and inputs are never "
+                "overwritten, not even with --force; choose another output path"
+            )
         if _same_file(out, source):
             raise OutputOverlapError(f"{out}: the output is the same file as the input {source} (a hard link); choose another output path")
     if (out.exists() or out.is_symlink()) and not force:
@@ -102,6 +100,16 @@ def check_output(out: PathLike, *, inputs: Inputs | Iterable[PathLike | None] = 
     if kind:
         raise OutputExistsError(f"{out} is {kind}, not a file or directory; only those are ever replaced, even with --force; choose another output path")
     return out
+
+
+def overlap(a: PathLike, b: PathLike) -> tuple[Path, Path] | None:
+    """Forms of ``a`` and ``b`` (as given, made absolute, and with symlinks resolved) that are the
+    same path or one inside the other; None when the two paths do not overlap."""
+    for t in _forms(Path(a)):
+        for s in _forms(Path(b)):
+            if t == s or t in s.parents or s in t.parents:
+                return t, s
+    return None
 
 
 def check_work_dir(path: PathLike, *, inputs: Iterable[PathLike | None], what: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..diagnostics import compare as compare_adapters
@@ -50,7 +48,7 @@ def diagnose(adapter, base, top_k, epsilon, plot, cache_dir, no_cache, limit, de
     source = load(adapter, allow_nonfinite=allow_nonfinite)
     cache = False if no_cache else cache_dir
     if cache:
-        check_work_dir(cache, inputs=[adapter, base if base and Path(base).exists() else None], what="--cache-dir")
+        check_work_dir(cache, inputs=[adapter, base], what="--cache-dir")  # a Hub id as base is no path: skipped
     report = diagnose_adapter(
         source, base, top_k=top_k, epsilon=epsilon, device=default_device(device), cache=cache, progress=not quiet and is_tty()
     )

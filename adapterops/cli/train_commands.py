@@ -15,7 +15,7 @@ import click
 
 from ..errors import AdapterOpsError, FormatError
 from ..formats import FORMATS, default_format
-from ..safety import check_work_dir
+from ..safety import check_work_dir, overlap
 from . import main
 from ._common import default_device, device_option, emit, force_option, json_option, output_option, quiet_option, refuse_existing, status
 
@@ -127,8 +127,7 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     reading.add([path])  # the base, data and checkpoint must hold still while they are read
     if checkpoint_dir is not None:
         check_work_dir(checkpoint_dir, inputs=[path, data, eval_path], what="--checkpoint-dir")
-        out, ck = Path(os.path.abspath(output)), Path(os.path.abspath(checkpoint_dir))
-        if out == ck or ck in out.parents or out in ck.parents:
+        if overlap(output, checkpoint_dir):
             raise click.UsageError(f"-o {output} and --checkpoint-dir {checkpoint_dir} overlap; give the checkpoints a directory of their own")
     device = default_device(device)
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -163,9 +162,9 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     if rank_ != 0:
         return
     adapter = result.adapter.to(device="cpu").with_metadata(base_model=str(base))
-    gguf = (fmt or default_format(output)) == "gguf"
-    adapter.save(output, format=fmt, force=force, inputs=[path, data, eval_path, resume], base=path if gguf else None)
-    summary = {**result.to_dict(), "output": output, "format": fmt or default_format(output), "base": str(base),
+    written = fmt or default_format(output)
+    adapter.save(output, format=written, force=force, inputs=[path, data, eval_path, resume], base=path if written == "gguf" else None)
+    summary = {**result.to_dict(), "output": output, "format": written, "base": str(base),
                "device": device, "qlora": qlora}
     emit(summary, as_json, _render)
 
