@@ -55,3 +55,8 @@ class UnsupportedOperationError(AdapterOpsError):
 
 class BaseMismatchError(AdapterOpsError):
     """An adapter does not fit the base checkpoint it is applied to."""
+
+
+def brief(exc: BaseException, limit: int) -> str:
+    """A foreign exception's message on one line, cut to ``limit`` characters, to quote inside ours."""
+    return " ".join(str(exc).split())[:limit]

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ..errors import AdapterOpsError, FormatError
+from ..errors import AdapterOpsError, FormatError, brief
 from ..formats import FORMATS, default_format
 from ..safety import check_work_dir, overlap
 from . import main
@@ -136,7 +136,7 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # no tokenizer files, or ones transformers cannot read
-        raise FormatError(f"{base}: cannot load its tokenizer ({' '.join(str(exc).split())[:200]})") from None
+        raise FormatError(f"{base}: cannot load its tokenizer ({brief(exc, 200)})") from None
     train_set = load_jsonl(data, tokenizer, max_len=max_len, packing=packing)
     eval_set = load_jsonl(eval_path, tokenizer, max_len=max_len, packing=packing) if eval_path else None
     if quiet:

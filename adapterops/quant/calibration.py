@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import Checkpoint
-from ..errors import AdapterOpsError, FormatError, UnsupportedOperationError
+from ..errors import AdapterOpsError, FormatError, UnsupportedOperationError, brief
 from ..linalg import factored_svd
 from ..rewrite import resolve_device
 from ..storage import logical_weights
@@ -246,13 +246,13 @@ def collect_hessians(
     try:
         config = transformers.AutoConfig.from_pretrained(checkpoint.root)
     except Exception as exc:  # transformers' config validation raises its own exception types too
-        raise FormatError(f"{checkpoint.source}: cannot read the model config for calibration ({' '.join(str(exc).split())[:300]})") from None
+        raise FormatError(f"{checkpoint.source}: cannot read the model config for calibration ({brief(exc, 300)})") from None
     if tokenizer is None and isinstance(data, (str, os.PathLike)):
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint.root)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FormatError(
-                f"{checkpoint.source}: no usable tokenizer for the calibration text ({' '.join(str(exc).split())[:200]}); "
+                f"{checkpoint.source}: no usable tokenizer for the calibration text ({brief(exc, 200)}); "
                 "put the model's tokenizer files next to its config.json"
             ) from None
     if hasattr(config, "quantization_config"):
@@ -266,7 +266,7 @@ def collect_hessians(
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as exc:  # whatever the model class raises for a config it cannot take
         raise UnsupportedOperationError(
-            f"{checkpoint.source}: calibration cannot build a causal LM from its config.json ({' '.join(str(exc).split())[:300]})"
+            f"{checkpoint.source}: calibration cannot build a causal LM from its config.json ({brief(exc, 300)})"
         ) from None
     finally:
         transformers.logging.set_verbosity(verbosity)
