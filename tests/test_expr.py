@@ -179,12 +179,11 @@ def test_eval_re_compresses_when_asked(files):
     ("(x - y * 0.5", "expression, column 13: expected ')' to close the '(' at column 1, found the end of the expression"),
     ("(x - y) * x", "expression, column 9: an adapter can only be multiplied by a number (adapter * adapter is not defined)"),
 ])
-def test_eval_expression_errors_point_at_the_column(files, text, first):
+def test_eval_expression_errors_point_at_the_column_in_one_line(files, text, first):
     out = files / "out.st"
     result = CliRunner().invoke(main, ["eval", text, f"x={files / 'a.st'}", f"y={files / 'b.st'}", "-o", str(out)])
     assert result.exit_code == 1
-    column = int(first.split("column ")[1].split(":")[0])
-    assert result.stderr.splitlines() == [f"Error: {first}", f"  {text}", "  " + " " * (column - 1) + "^"]
+    assert result.stderr.splitlines() == [f"Error: {first} (in {text!r})"]
     assert not out.exists()
 
 

@@ -81,7 +81,8 @@ def eval_command(expression, bindings, rank, energy, budget, output, fmt, device
         dev = default_device(device)
         result = expr.evaluate(expression, values, device=dev)
     except expr.ExpressionError as exc:
-        raise click.ClickException(f"{exc}\n{exc.caret()}") from None  # the first line stands alone
+        where = f" (in {exc.expression!r})" if exc.column else ""
+        raise click.ClickException(f"{exc}{where}") from None
     if not isinstance(result, Adapter):
         raise AdapterOpsError(f"the expression is the number {result:g}, not an adapter; nothing to write")
     if rule:
