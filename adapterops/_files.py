@@ -347,9 +347,17 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     """``safetensors.torch.save_file`` with a reproducible header: same tensors, same bytes.
 
     safetensors writes the header's metadata in hash order, which changes from run to run; here
-    the header JSON is re-written with sorted keys and padded to its original length.
+    the header JSON is re-written with sorted keys and padded to its original length. Tensors that
+    share memory (one layer's factors under two names, views of one buffer), which safetensors
+    refuses, are written as copies.
     """
-    data = _safetensors_bytes(tensors, metadata=metadata)
+    storages: set[int] = set()
+    own = {}
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        own[name] = t.contiguous().clone() if ptr in storages else t.contiguous()
+        storages.add(ptr)
+    data = _safetensors_bytes(own, metadata=metadata)
     (size,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + size])
     ordered = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

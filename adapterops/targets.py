@@ -128,11 +128,14 @@ class _Facts:
     config: Mapping[str, Any]  # adapter_config.json as the consumer reads it ({} for kohya)
     extras: tuple[str, ...]  # tensor keys that are not LoRA factors (biases, modules_to_save, embeddings)
     adapter: Adapter
-    base: Any = None  # a Checkpoint, when --base was given
+    base: Any = None  # a Checkpoint, when --base was a safetensors checkpoint
     options: Mapping[str, Any] = field(default_factory=dict)
+    gguf_base: Any = None  # a GGUFBase, when --base was a model's .gguf file (llama.cpp only)
 
     @property
     def architecture(self) -> str | None:
+        if self.gguf_base is not None:
+            return self.gguf_base.architecture.hf_architectures[0]
         config = (self.base.config() if self.base is not None else None) or _cached_base_config(self.adapter.metadata.get("base_model"))
         architectures = (config or {}).get("architectures") or []
         return str(architectures[0]) if architectures else None
@@ -222,17 +225,33 @@ def _cached_base_config(base: str | None) -> dict[str, Any] | None:
 # ---------------------------------------------------------------- reading what a consumer sees
 
 
-def _facts(source: Adapter | str | os.PathLike, *, base: Any = None, revision: str | None = None, **options: Any) -> _Facts:
+def _bases(base: Any, target: str) -> tuple[Any, Any]:
+    """(Checkpoint, GGUFBase) for ``--base``: a model's .gguf file is a base for llama.cpp only."""
     from .checkpoint import Checkpoint
+    from .formats._gguf_file import is_gguf
+
+    if base is None or hasattr(base, "names"):
+        return base, None
+    if Path(base).is_file() and is_gguf(Path(base)):
+        if target != "llama.cpp":
+            raise FormatError(f"{base}: a GGUF model is a base for --target llama.cpp; {target} runs on the safetensors checkpoint: pass that")
+        from .formats.gguf import describe_base
+
+        return None, describe_base(base)
+    return Checkpoint(base), None
+
+
+def _facts(source: Adapter | str | os.PathLike, *, target: str, base: Any = None, revision: str | None = None, **options: Any) -> _Facts:
     from .formats import _natural_key, load, locate, peft
 
-    checkpoint = Checkpoint(base) if base is not None and not hasattr(base, "names") else base
+    checkpoint, gguf_base = _bases(base, target)
+    base_source = checkpoint.source if checkpoint is not None else gguf_base.source if gguf_base is not None else None
     if isinstance(source, Adapter):
         _, config = peft.to_state_dict(complete_metadata(source, base=None if checkpoint is None else checkpoint.source))
-        return _Facts("adapter", "value", config, (), source, checkpoint, options)
+        return _Facts("adapter", "value", config, (), source, checkpoint, options, gguf_base)
     path, fmt = locate(source, revision=revision)
     if fmt not in ("peft", "native"):  # kohya, gguf: no PEFT config to read
-        return _Facts(str(source), fmt, {}, (), load(path, allow_nonfinite=True, base=None if checkpoint is None else checkpoint.source), checkpoint, options)
+        return _Facts(str(source), fmt, {}, (), load(path, allow_nonfinite=True, base=base_source), checkpoint, options, gguf_base)
     from . import _files
 
     if fmt == "peft":
@@ -250,7 +269,7 @@ def _facts(source: Adapter | str | os.PathLike, *, base: Any = None, revision: s
     factors = {k: v for k, v in tensors.items() if k not in extras}
     adapter = peft.from_state_dict(factors, config, source=str(source))
     adapter = Adapter({n: adapter[n] for n in sorted(adapter, key=_natural_key)}, adapter.metadata)
-    return _Facts(str(source), fmt, config, extras, adapter, checkpoint, options)
+    return _Facts(str(source), fmt, config, extras, adapter, checkpoint, options, gguf_base)
 
 
 def check(
@@ -264,12 +283,12 @@ def check(
     """Every reason ``target`` (vllm, llama.cpp, peft, transformers) would refuse or mis-apply ``source``.
 
     ``source`` is an adapter path, Hub id or an Adapter (checked as adapterops would write it as
-    PEFT). ``base`` (a checkpoint directory or Hub id) adds the checks that need the model:
-    modules and shapes, architecture, DoRA conversion.
+    PEFT). ``base`` (a checkpoint directory or Hub id; for llama.cpp also the model's .gguf) adds
+    the checks that need the model: modules and shapes, architecture, DoRA conversion.
     """
     _check_target(target)
     _check_max_rank(max_lora_rank)
-    facts = _facts(source, base=base, revision=revision, max_lora_rank=max_lora_rank)
+    facts = _facts(source, target=target, base=base, revision=revision, max_lora_rank=max_lora_rank)
     problems = _problems(facts, target)
     notes = [n for note in _NOTES.get(target, []) for n in note(facts)]
     return CheckReport(target, facts.source, tuple(problems), tuple(notes))
@@ -398,6 +417,25 @@ def _llama_cpp_names(f: _Facts) -> Iterable[Problem]:
         yield Problem("modules", f"{_some(bad)} have no llama.cpp tensor name on {arch.name}")
 
 
+@_rule("llama.cpp")
+def _llama_cpp_base(f: _Facts) -> Iterable[Problem]:
+    """With the base (its .gguf or its checkpoint): each layer with a llama.cpp name fits one of its tensors."""
+    if f.base is None and f.gguf_base is None:
+        return
+    from .errors import BaseMismatchError
+    from .formats.gguf import describe_base, tensor_names
+
+    try:
+        info = f.gguf_base if f.gguf_base is not None else describe_base(f.base.source)
+    except FormatError:  # an architecture llama.cpp has no names for: _llama_cpp_names says so
+        return
+    named = Adapter({n: layer for n, layer in f.adapter.items() if info.architecture.to_gguf(n) is not None}, f.adapter.metadata)
+    try:
+        tensor_names(named, info)
+    except BaseMismatchError as exc:
+        yield Problem("base", str(exc))
+
+
 def _llama_cpp_notes(f: _Facts) -> Iterable[str]:
     if f.architecture is None:
         yield "architecture unknown (pass --base): module names not checked"
@@ -477,7 +515,7 @@ def prepare(
     if target == "llama.cpp":
         raise UnsupportedOperationError("llama.cpp reads GGUF adapters: use `adapterops convert X --to gguf --base B` (format='gguf')")
     _check_max_rank(max_lora_rank)
-    facts = _facts(source, base=base, revision=revision, max_lora_rank=max_lora_rank)
+    facts = _facts(source, target=target, base=base, revision=revision, max_lora_rank=max_lora_rank)
     problems = _problems(facts, target)
     blocking = [p for p in problems if p.fix is None or (p.rule == "dora" and base is None)]
     if blocking:
@@ -487,7 +525,7 @@ def prepare(
     if target == "vllm":
         adapter, layers = _fit_vllm(adapter, max_lora_rank, facts.base)
     adapter = complete_metadata(adapter, base=base, task_type=task_type)
-    result = _facts(adapter, base=facts.base, max_lora_rank=max_lora_rank)
+    result = _facts(adapter, target=target, base=facts.base, max_lora_rank=max_lora_rank)
     left = _problems(result, target)
     if left:
         raise UnsupportedOperationError(f"{facts.source} cannot be made to load in {target}: " + "; ".join(p.message for p in left))

@@ -74,6 +74,16 @@ def test_round_trip_of_algebra_results_and_awkward_alphas(tmp_path):
             assert_same(value, ao.load(path))
 
 
+@pytest.mark.parametrize(("fmt", "name"), ROUND_TRIPS)
+def test_layers_sharing_tensors_are_written_as_copies(tmp_path, fmt, name):
+    """One LoraLayer under two names, and factors that are views of one buffer (safetensors refuses both as they are)."""
+    buffer = torch.randn(8, 16)
+    shared = LoraLayer(buffer[:3], torch.randn(16, 3), 3.0)
+    a = Adapter({Q: shared, V: LoraLayer(buffer[3:4], torch.randn(8, 1), 1.0), UP.replace("up", "gate"): LoraLayer(shared.A, shared.B[:8], 3.0), "model.layers.0.self_attn.k_proj": shared})
+    a.save(tmp_path / name, format=fmt)
+    assert_same(a, ao.load(tmp_path / name))
+
+
 def test_peft_config_has_patterns_for_mixed_ranks_and_alphas(tmp_path):
     mixed().save(tmp_path / "p", format="peft")
     config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())

@@ -409,3 +409,36 @@ def test_a_gguf_model_given_as_a_safetensors_base_is_named_as_gguf(gguf_base):
 
     with pytest.raises(FormatError, match="a GGUF file, not safetensors"):
         Checkpoint(gguf_base)
+
+
+def test_check_llama_cpp_takes_the_models_gguf_as_base(tmp_path, gguf_base):
+    good = random_adapter([4] * 7, [8.0] * 7)
+    good.save(tmp_path / "good.st")
+    good.save(tmp_path / "good.gguf", base=gguf_base)
+    runner = CliRunner()
+    for source in ("good.st", "good.gguf"):
+        res = runner.invoke(main, ["check", str(tmp_path / source), "--target", "llama.cpp", "--base", str(gguf_base)])
+        assert res.exit_code == 0 and res.stdout == f"ok: llama.cpp loads {tmp_path / source} as it is\n", res.output
+    g = torch.Generator().manual_seed(1)
+    q = good[MODULES[0]]
+    bad = Adapter({**good,
+        MODULES[0]: LoraLayer(q.A, torch.randn(q.B.shape[0] + 1, q.rank, generator=g), q.alpha),  # one row too many
+        f"model.layers.{LAYERS}.self_attn.q_proj": q,  # past the base's last block
+        "model.layers.0.mlp.weird": q,  # no llama.cpp name
+    }, good.metadata)
+    bad.save(tmp_path / "bad.st")
+    res = runner.invoke(main, ["check", str(tmp_path / "bad.st"), "--target", "llama.cpp", "--base", str(gguf_base), "--json"])
+    assert res.exit_code == 1
+    problems = {p["rule"]: p["message"] for p in json.loads(res.stdout)["problems"]}
+    assert set(problems) == {"modules", "base"}
+    assert "model.layers.0.mlp.weird" in problems["modules"] and "weird" not in problems["base"]
+    assert problems["base"].startswith(f"2 problem(s) against the base {gguf_base}: ")
+    assert f"{MODULES[0]} is [{q.B.shape[0] + 1}, {q.A.shape[1]}] but the base's blk.0.attn_q.weight is [{q.B.shape[0]}, {q.A.shape[1]}]" in problems["base"]
+    assert f"model.layers.{LAYERS}.self_attn.q_proj: the base has {LAYERS} layers" in problems["base"]
+
+
+def test_check_for_other_consumers_refuses_a_gguf_base_in_one_line(tmp_path, gguf_base):
+    random_adapter([4] * 7, [8.0] * 7).save(tmp_path / "a.st")
+    res = CliRunner().invoke(main, ["check", str(tmp_path / "a.st"), "--target", "peft", "--base", str(gguf_base)])
+    assert res.exit_code == 1 and res.stderr.splitlines() == [
+        f"Error: {gguf_base}: a GGUF model is a base for --target llama.cpp; peft runs on the safetensors checkpoint: pass that"]

@@ -13,7 +13,7 @@ max_lora_rank_option = click.option(
     "--max-lora-rank", type=click.Choice([str(r) for r in VLLM_MAX_LORA_RANKS]), default=str(VLLM_DEFAULT_MAX_LORA_RANK),
     show_default=True, help="vLLM's --max-lora-rank the adapter must fit.",
 )
-base_option = click.option("--base", default=None, help="Base model (directory or Hub id): checks modules, shapes and architecture.")
+base_option = click.option("--base", default=None, help="Base model (directory or Hub id; for llama.cpp also the model's .gguf): checks modules, shapes and architecture.")
 
 
 @main.command()

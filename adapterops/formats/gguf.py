@@ -320,7 +320,9 @@ def write(adapter: Adapter, path: Path, *, base: str | os.PathLike | GGUFBase | 
         raise FormatError("cannot save an adapter with no layers")
     info = describe_base(base)
     arch = info.architecture
-    targets = _targets(adapter, info)
+    if arch.rope_permute and set(arch.rope_permute.values()) - set(info.heads):
+        raise FormatError(f"{info.source}: the base does not give its attention head counts, which llama.cpp's q/k row order needs")
+    targets = tensor_names(adapter, info)
     file_alpha = _file_alpha(adapter)
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in targets.items():
@@ -348,11 +350,9 @@ def write(adapter: Adapter, path: Path, *, base: str | os.PathLike | GGUFBase | 
     write_gguf(path, metadata, tensors)
 
 
-def _targets(adapter: Adapter, info: GGUFBase) -> dict[str, str]:
+def tensor_names(adapter: Adapter, info: GGUFBase) -> dict[str, str]:
     """Adapter layer -> GGUF tensor name, checking everything against the base; all problems at once."""
     arch, targets, problems = info.architecture, {}, []
-    if arch.rope_permute and set(arch.rope_permute.values()) - set(info.heads):
-        raise FormatError(f"{info.source}: the base does not give its attention head counts, which llama.cpp's q/k row order needs")
     for name, layer in adapter.items():
         tensor = arch.to_gguf(name)
         if tensor is None:
@@ -373,7 +373,7 @@ def _targets(adapter: Adapter, info: GGUFBase) -> dict[str, str]:
     if problems:
         kinds = ", ".join(sorted({hf.rsplit(".", 1)[-1] for hf in arch.tensors}))
         raise BaseMismatchError(
-            f"cannot write GGUF for {info.source}: {len(problems)} problem(s): {'; '.join(problems[:5])}"
+            f"{len(problems)} problem(s) against the base {info.source}: {'; '.join(problems[:5])}"
             + (f"; ... and {len(problems) - 5} more" if len(problems) > 5 else "")
             + f" (llama.cpp adapts {kinds} in {arch.name} models)"
         )
