@@ -6,6 +6,7 @@ The end-to-end check with the real llama.cpp is tests/test_llama_cpp_interop.py.
 """
 
 import json
+import math
 import os
 import struct
 
@@ -161,6 +162,25 @@ def test_corrupt_containers_are_format_errors(tmp_path, gguf_base):
     with pytest.raises(FormatError, match=r"^\S+zero.gguf: tensor .* a dimension of size 0") as caught:
         read_gguf(tmp_path / "zero.gguf")
     assert "cannot read" not in str(caught.value)
+
+
+def test_a_truncated_model_gguf_is_refused_from_its_directory(tmp_path, gguf_base):
+    """A base cut short by one byte of its last tensor: convert --base and check --base read only the directory."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from adapterops.formats._gguf_file import _BLOCKS
+
+    assert {k: GGML_QUANT_SIZES[gguf.GGMLQuantizationType(k)] for k in _BLOCKS} == _BLOCKS  # the package's table is the oracle
+    file = read_gguf(gguf_base)
+    last = max(file.tensors.values(), key=lambda t: t.offset)
+    end = last.offset + 4 * math.prod(last.shape)  # F32
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(gguf_base.read_bytes()[: end - 1])
+    random_adapter([4] * 7, [8.0] * 7).save(tmp_path / "a.st")
+    for args in (["convert", "--to", "gguf", "-o", str(tmp_path / "a.gguf")], ["check", "--target", "llama.cpp"]):
+        res = CliRunner().invoke(main, [args[0], str(tmp_path / "a.st"), *args[1:], "--base", str(cut)])
+        assert res.exit_code == 1 and res.stderr.splitlines() == [f"Error: {cut}: tensor {last.name} runs past the end of the file (truncated download?)"]
+    assert not (tmp_path / "a.gguf").exists()
 
 
 # ---------------------------------------------------------------- llama.cpp's rule, exact per layer

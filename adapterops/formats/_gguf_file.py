@@ -44,6 +44,15 @@ _STRING, _ARRAY, _UINT32, _INT64, _FLOAT32, _BOOL = 8, 9, 4, 11, 6, 7
 # ggml tensor types adapterops decodes: id -> (name, elements per block, bytes per block).
 F32, F16, Q8_0, BF16 = 0, 1, 8, 30
 _DECODED = {F32: ("F32", 1, 4), F16: ("F16", 1, 2), Q8_0: ("Q8_0", 32, 34), BF16: ("BF16", 1, 2)}
+# Every ggml type's block: id -> (elements, bytes) (ggml's type traits); the directory reader checks
+# with it that each tensor's bytes lie inside the file, whatever the type.
+_BLOCKS = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
+    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),
+    34: (256, 54), 35: (256, 66), 39: (32, 17),
+}
 _WRITTEN = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
 _TORCH = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 
@@ -158,6 +167,9 @@ def _read_directory(r: _Reader) -> GGUFFile:
     for name, shape, kind, offset in infos:
         if name in tensors:
             raise FormatError(f"{path}: tensor {name} appears twice")
+        block, block_bytes = _BLOCKS.get(kind, (1, 0))  # a type not listed: only its start is checked
+        if start + offset + -(-math.prod(shape) // block) * block_bytes > r.size or start + offset > r.size:
+            raise FormatError(f"{path}: tensor {name} runs past the end of the file (truncated download?)")
         tensors[name] = GGUFTensor(name, shape, kind, start + offset)
     return GGUFFile(path, version, metadata, tensors)
 
