@@ -87,6 +87,14 @@ def test_add_lora_freezes_everything_but_the_factors():
     assert all(isinstance(model.get_submodule(n), LoraLinear) for n in handle.modules)
 
 
+def test_a_rank_that_memory_cannot_hold_is_one_error_and_leaves_the_model_as_it_was():
+    model = Toy()
+    before = {n: (type(m), m.weight.requires_grad) for n, m in model.named_modules() if hasattr(m, "weight")}
+    with pytest.raises(AdapterOpsError, match=r"^rank 1099511627776 on 3 layers is 70,368,744,177,664 LoRA values, more than memory holds \("):
+        add_lora(model, targets="all-linear", rank=2**40)
+    assert {n: (type(m), m.weight.requires_grad) for n, m in model.named_modules() if hasattr(m, "weight")} == before
+
+
 def test_adapter_keys_are_the_checkpoint_module_paths_with_metadata():
     model = tiny_llama()
     weights = set(model.state_dict())

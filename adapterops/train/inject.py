@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter
-from ..errors import AdapterOpsError, UnsupportedOperationError
+from ..errors import AdapterOpsError, UnsupportedOperationError, brief
 from .layers import LoraLinear, NF4Linear
 
 __all__ = ["LoraConfig", "LoraHandle", "add_lora", "find_targets", "lora_modules", "lora_adapter", "INITS", "QUANTIZERS"]
@@ -341,15 +341,26 @@ def add_lora(
     generator = None if seed is None else torch.Generator().manual_seed(seed)  # CPU: same init on any device
     modules: dict[str, LoraLinear] = {}
     originals: dict[str, nn.Module] = {}
-    for name, base in found.items():
-        layer = LoraLinear(base, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, dtype=dtype)
-        INITS[init](layer, generator)
-        if quantize is not None:
-            layer.base = QUANTIZERS[quantize](layer.base)
-            base = layer.base  # the quantized layer is what remove() gives back
-        modules[name] = layer
-        originals[name] = base
-        _set_module(model, name, layer)
+    try:
+        for name, base in found.items():
+            originals[name] = base
+            layer = LoraLinear(base, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, dtype=dtype)
+            INITS[init](layer, generator)
+            if quantize is not None:
+                layer.base = QUANTIZERS[quantize](layer.base)
+                originals[name] = layer.base  # the quantized layer is what remove() gives back
+            modules[name] = layer
+            _set_module(model, name, layer)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        for name in modules:  # the model as it was given
+            _set_module(model, name, found[name])
+        for n, p in model.named_parameters(remove_duplicate=False):
+            p.requires_grad_(requires_grad[n])
+        if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
+            raise
+        values = sum(rank * (m.in_features + m.out_features) for m in found.values())
+        raise AdapterOpsError(f"rank {rank} on {len(found)} layers is {values:,} LoRA values, more than memory holds "
+                              f"({brief(exc, 160)})") from None
     for layer in modules.values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
