@@ -206,6 +206,18 @@ def _route_command(script: str, route: str, base: Path, adapter: Path, out: Path
 
 
 WARM_LIBRARIES = [sys.executable, "-c", "import torch, adapterops.cli; torch.cuda.is_available() and torch.cuda.init()"]
+FLOOR_ROUTES = ("startup", "write")
+
+
+def floor_commands(nbytes: int) -> dict[str, Callable[[Path], list[str]]]:
+    """What no merge command can avoid, as routes of their own: ``startup`` (the interpreter, torch,
+    adapterops' CLI and CUDA starting, nothing else) and ``write`` (``nbytes`` written to a new file,
+    and written back to the disk with the other routes' ``os.sync()``). A merge that reads the base
+    while it starts cannot finish before startup + write."""
+    return {
+        "startup": lambda out: WARM_LIBRARIES,
+        "write": lambda out: ["dd", "if=/dev/zero", f"of={out}", "bs=64M", f"count={nbytes}", "iflag=count_bytes", "status=none"],
+    }
 
 
 def time_command(command: list[str], *, sync: bool = True, cold: bool = False, threads: int | None = None) -> dict:
@@ -285,7 +297,9 @@ def time_routes(
         out = work / f"out-{route}"
         runs = []
         for _ in range(max(1, repeat)):
-            shutil.rmtree(out, ignore_errors=True)
+            if out.is_dir():
+                shutil.rmtree(out, ignore_errors=True)
+            out.unlink(missing_ok=True)
             if commands and route in commands:
                 command = commands[route](out)
             else:
@@ -310,7 +324,10 @@ def remove_outputs(outputs: dict[str, Path], work: Path, *, keep: bool, own_work
     if keep:
         return
     for out in outputs.values():
-        shutil.rmtree(out, ignore_errors=True)
+        if out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            out.unlink(missing_ok=True)
     if own_work:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -10,7 +10,12 @@ o, gate, up, down), then times, each in a fresh subprocess:
   naive       shard by shard with no overlap: ``load_file(shard, device)``, ``W + s B A`` per adapted
               tensor, ``save_file`` of the shard;
   peft        ``AutoModelForCausalLM.from_pretrained`` (onto --device), ``PeftModel.from_pretrained``,
-              ``merge_and_unload``, ``save_pretrained``.
+              ``merge_and_unload``, ``save_pretrained``;
+  startup     the floor's first part: the interpreter, torch, adapterops' CLI and CUDA starting, no
+              work (not run unless asked for in ``--routes``);
+  write       the floor's second part: as many bytes as the checkpoint written to a new file with
+              ``dd`` and written back by the same ``os.sync()`` (not run unless asked for). A merge
+              that reads its base while it starts cannot take less than startup + write.
 
 Reported per route: seconds of the whole process, start-up included (``copy`` and ``adapterops``
 are the commands themselves; ``naive`` and ``peft`` are this script re-run with ``--child``), plus
@@ -42,12 +47,14 @@ import time
 from pathlib import Path
 
 from _harness import (
+    FLOOR_ROUTES,
     INDEX,
     ShardRotation,
     add_merge_arguments,
     all_linear_adapter,
     cli,
     describe_device,
+    floor_commands,
     llama_config,
     llama_tensors,
     print_table,
@@ -58,6 +65,7 @@ from _harness import (
 )
 
 ROUTES = ("copy", "adapterops", "naive", "peft")
+OPTIONAL_ROUTES = FLOOR_ROUTES
 SIZES = {
     "7b": {"layers": 32, "hidden": 4096, "intermediate": 11008, "vocab": 32000},
     "small": {"layers": 4, "hidden": 2048, "intermediate": 5632, "vocab": 16000},
@@ -188,6 +196,9 @@ def main() -> int:
 
     device, dims = resolve_dims(args, SIZES)
     routes = [r for r in args.routes.split(",") if r]
+    unknown = sorted(set(routes) - set(ROUTES + OPTIONAL_ROUTES))
+    if unknown:
+        p.error(f"unknown route {unknown[0]}; routes: {','.join(ROUTES + OPTIONAL_ROUTES)}")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
     work.mkdir(parents=True, exist_ok=True)
     base, adapter = work / "base", work / "adapter"
@@ -201,7 +212,8 @@ def main() -> int:
 
     results, outputs = time_routes(
         __file__, routes, work=work, base=base, adapter=adapter, device=device, sync=args.sync, threads=args.threads,
-        repeat=args.repeat, commands=commands(base, adapter, device), cold=args.cold, annotate=lambda out, result: layout(base, out),
+        repeat=args.repeat, commands={**commands(base, adapter, device), **floor_commands(size)}, cold=args.cold,
+        annotate=lambda out, result: {} if result["route"] in FLOOR_ROUTES else layout(base, out),
     )
     check = None
     if {"adapterops", "naive"} <= set(outputs) and all(outputs[r].exists() for r in ("adapterops", "naive")):
@@ -212,7 +224,7 @@ def main() -> int:
 
     print_table(
         results, f"{'RSS/ckpt':>9} {'shards':>6}  layout kept",
-        lambda r: f"{r['peak_rss'] / size:>9.2f} {r['shards']:>6}  {'yes' if r['layout_kept'] else 'no'}",
+        lambda r: f"{r['peak_rss'] / size:>9.2f} " + (f"{r['shards']:>6}  {'yes' if r['layout_kept'] else 'no'}" if "shards" in r else f"{'-':>6}  -"),
     )
     if check is not None:
         print(f"adapterops and naive outputs agree within one bf16 ulp: {'yes' if check else 'NO'}")

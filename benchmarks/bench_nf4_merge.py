@@ -14,6 +14,11 @@ subprocess:
               unless asked for in ``--routes``; the checkpoint then carries a word-level tokenizer
               over its vocabulary, and the calibration rows are ``--calibration-samples`` random
               texts of ``--max-len`` words, one token each);
+  startup     the floor's first part: the interpreter, torch, adapterops' CLI and CUDA starting, no
+              work (not run unless asked for in ``--routes``);
+  write       the floor's second part: as many bytes as the checkpoint written to a new file with
+              ``dd`` and written back by the same ``os.sync()`` (not run unless asked for). A merge
+              that reads its base while it starts cannot take less than startup + write;
   bnb         layer by layer with bitsandbytes' own functions: ``dequantize_4bit``, ``W + s B A`` in
               float32, ``quantize_4bit(compress_statistics=True)``, shard by shard through
               ``safetensors`` (skipped when bitsandbytes is not importable).
@@ -43,12 +48,14 @@ import time
 from pathlib import Path
 
 from _harness import (
+    FLOOR_ROUTES,
     INDEX,
     ShardRotation,
     add_merge_arguments,
     all_linear_adapter,
     cli,
     describe_device,
+    floor_commands,
     is_linear,
     llama_config,
     llama_tensors,
@@ -60,7 +67,7 @@ from _harness import (
 )
 
 ROUTES = ("copy", "adapterops", "bnb")
-OPTIONAL_ROUTES = ("gptq",)
+OPTIONAL_ROUTES = ("gptq", *FLOOR_ROUTES)
 SIZES = {
     "7b": {"layers": 32, "hidden": 4096, "intermediate": 11008, "vocab": 32000},
     "small": {"layers": 2, "hidden": 1024, "intermediate": 2816, "vocab": 8000},
@@ -258,7 +265,7 @@ def main() -> int:
 
     results, outputs = time_routes(
         __file__, routes, work=work, base=base, adapter=adapter, device=device, sync=args.sync, threads=args.threads, repeat=args.repeat,
-        commands=commands(base, adapter, device, calibration, args.calibration_samples, args.max_len), cold=args.cold,
+        commands={**commands(base, adapter, device, calibration, args.calibration_samples, args.max_len), **floor_commands(size)}, cold=args.cold,
         annotate=report_medians,
     )
     last = dims["layers"] - 1
