@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import re
@@ -115,10 +116,11 @@ def remove_leftovers(path: str | os.PathLike) -> list[Path]:
     is said through ``warnings`` (the CLI prints it as one line); returns what was removed.
     """
     path = Path(path)
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:tmp|old)-([0-9a-f]+)\.(\d+)\.(\d+)-[0-9a-f]{{8}}(?:\.grow)?$")
+    prefix = hidden_prefix(path)
+    pattern = re.compile(rf"^{re.escape(prefix)}(?:tmp|old)-([0-9a-f]+)\.(\d+)\.(\d+)-[0-9a-f]{{8}}(?:\.grow)?$")
     removed = []
     try:
-        entries = [e for e in os.scandir(path.parent) if e.name.startswith(f".{path.name}.")]
+        entries = [e for e in os.scandir(path.parent) if e.name.startswith(prefix)]
     except OSError:
         return removed
     for entry in entries:
@@ -212,7 +214,20 @@ def _sigint_held() -> Iterator[None]:
 
 
 def _sibling(path: Path, kind: str) -> Path:
-    return path.parent / f".{path.name}.{kind}-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
+    return path.parent / f"{hidden_prefix(path)}{kind}-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
+
+
+_LONGEST_KEPT_NAME = 255 - 64  # NAME_MAX less room for "tmp-OWNER-xxxxxxxx.grow"
+
+
+def hidden_prefix(path: Path) -> str:
+    """``.NAME.``, how the hidden temporaries of ``path`` begin. A name too long to leave room for
+    the rest within the 255 bytes a file name may have is cut, and a digest of the whole appended,
+    so that every name the file system takes can be an output."""
+    raw = os.fsencode(path.name)
+    if len(raw) > _LONGEST_KEPT_NAME:
+        raw = raw[: _LONGEST_KEPT_NAME - 9] + b"~" + hashlib.sha256(raw).hexdigest()[:8].encode()
+    return f".{os.fsdecode(raw)}."
 
 
 def _owner_tag() -> str:
@@ -301,11 +316,26 @@ def safetensors_header(path: str | os.PathLike) -> tuple[list[str], dict[str, st
 
 
 def _existing_file(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"{path}: no such file")
+    path = require_file(path)
     refuse_pickle(path)
     return path
+
+
+def require_file(path: str | os.PathLike) -> Path:
+    """``path`` when it is a regular file (symbolic links followed); else FormatError saying what it is."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    raise FormatError(f"{path}: {'is a directory, expected a file' if path.is_dir() else unreadable(path)}")
+
+
+def unreadable(path: Path) -> str:
+    """Why ``path``, neither a regular file nor a directory, cannot be read: for error messages."""
+    if path.exists():
+        return "not a regular file (a pipe, socket or device)"  # reading one could block or never end
+    if os.path.lexists(path):
+        return "a symbolic link that leads nowhere (its target is missing, or the links loop)"
+    return "no such file"
 
 
 MAX_JSON_BYTES = 100_000_000  # as for safetensors headers: configs and indexes are kilobytes to megabytes

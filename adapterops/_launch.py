@@ -60,6 +60,8 @@ def _leave(code: object) -> None:
         sys.stderr.write(f"{code}\n")
         status = 1
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with that descriptor closed (``>&-``)
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe (``| head``): nothing more can be said there

@@ -76,7 +76,9 @@ def digest(*paths: Path) -> dict[str, str]:
 
 def nothing_at(out: Path) -> bool:
     """No output and no temporary of it (``.NAME.tmp-*``, ``.NAME.old-*``) in its directory."""
-    hidden = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] if out.parent.exists() else []
+    from adapterops._files import hidden_prefix
+
+    hidden = [p for p in out.parent.iterdir() if p.name.startswith(hidden_prefix(out))] if out.parent.exists() else []
     return not os.path.lexists(out) and not hidden
 
 

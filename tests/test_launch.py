@@ -69,3 +69,15 @@ def test_prefetch_finds_the_base_shards_of_streaming_commands(tmp_path, monkeypa
     assert _prefetch.start(["merge", "--base", str(base)]) is None
     monkeypatch.setenv(_prefetch.ENV, "0")
     assert _prefetch.start(["merge", "--base", str(base)]) is None
+
+
+def test_a_report_that_cannot_be_written_is_an_error(tmp_path):
+    """stdout on a full device or closed: one line, exit 1 (GNU tools do the same); never a traceback."""
+    adapter = str(EXAMPLES / "math.st")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*CLI, "info", adapter, "--json"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr == "Error: cannot write to standard output: No space left on device\n"
+    done = subprocess.run([*CLI, "info", adapter], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                          preexec_fn=lambda: os.close(1))
+    assert done.returncode == 1 and done.stderr == "Error: cannot write to standard output: it is closed\n"
+

@@ -385,3 +385,53 @@ def test_ctrl_c_during_the_rename_is_delivered_after_it(tmp_path, monkeypatch):
         with atomic_output(tmp_path / "o.st") as tmp:
             tmp.write_bytes(b"complete")
     assert (tmp_path / "o.st").read_bytes() == b"complete" and _files.committed(tmp_path / "o.st")
+
+
+def test_empty_paths_are_usage_errors(files, tmp_path):
+    """An empty argument is the current directory to the OS: ``-o ""`` would mean ``-o .``."""
+    for args in (["info", ""], ["merge", "-b", "", "-a", files / "a.st", "-o", tmp_path / "m"],
+                 ["merge", "-b", files / "base", "-a", files / "a.st", "-o", " "], ["train", "-b", files / "base", "--data", "", "-o", tmp_path / "t"]):
+        result = cli(*args)
+        assert result.exit_code == 2 and "an empty path" in one_line(result.stderr), result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_pipes_and_dangling_links_are_named_for_what_they_are(files, tmp_path):
+    fifo = tmp_path / "fifo.st"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    out = tmp_path / "out.st"
+    assert refused(["info", fifo], [], out, "fifo.st: not a regular file (a pipe, socket or device)")
+    assert refused(["train", "-b", files / "base", "--data", fifo, "-o", out], [files / "base"], out, "not a regular file")
+    assert refused(["info", tmp_path / "loop1"], [], out, "loop1: a symbolic link that leads nowhere")
+
+
+def test_a_name_as_long_as_the_file_system_allows_is_an_output(files, tmp_path):
+    """The hidden temporary ``.NAME.tmp-OWNER-*`` cannot be longer than 255 bytes: a long NAME is cut in it."""
+    from adapterops._files import hidden_prefix
+
+    out = tmp_path / ("x" * 251 + ".st")
+    for force in ([], ["--force"]):
+        result = cli("compress", files / "a.st", "--rank", "1", "-o", out, *force)
+        assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path)) == [out.name]
+    assert len(hidden_prefix(out).encode()) < 200 and hidden_prefix(out) != hidden_prefix(out.with_name("x" * 251 + ".sx"))
+    stale = tmp_path / f"{hidden_prefix(out)}tmp-{_dead_owner()}-deadbeef"
+    stale.write_bytes(b"partial")
+    assert remove_leftovers(out) == [stale] and not stale.exists()
+
+
+def test_notes_that_cannot_be_written_do_not_stop_the_work_or_move_to_stdout(files, tmp_path):
+    from safety_helpers import CLI
+
+    out = tmp_path / "c.st"
+    stale = tmp_path / f".c.st.tmp-{_dead_owner()}-deadbeef"  # its removal is said on stderr
+    stale.write_bytes(b"partial")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*CLI, "compress", files / "a.st", "--rank", "1", "-o", out], stdout=subprocess.DEVNULL, stderr=full, timeout=120)
+    assert done.returncode == 0 and out.is_file() and not stale.exists()
+    close_stderr = {"capture_output": True, "text": True, "timeout": 120, "preexec_fn": lambda: os.close(2)}
+    missing = subprocess.run([*CLI, "info", tmp_path / "none.st"], **close_stderr)
+    usage = subprocess.run([*CLI, "info", "--bogus"], **close_stderr)
+    assert (missing.returncode, missing.stdout, usage.returncode, usage.stdout) == (1, "", 2, "")

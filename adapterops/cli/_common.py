@@ -72,7 +72,7 @@ class Group(click.Group):
             click.echo(f"Error: {' '.join(exc.format_message().split())} (see '{where} -h')", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            exc.show()
+            click.echo(f"Error: {exc.format_message()}", err=True)  # not exc.show(): with stderr closed it writes to stdout
             sys.exit(exc.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -118,7 +118,7 @@ def emit(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
     to the JSON (set ADAPTEROPS_DEBUG=1 to see the error instead).
     """
     if as_json:
-        click.echo(strict_json(data))
+        _print(strict_json(data))
         return
     try:
         text = render(data)
@@ -126,7 +126,18 @@ def emit(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
         if os.environ.get(DEBUG_ENV):
             raise
         text = strict_json(data)
-    click.echo(printable(text))
+    _print(printable(text))
+
+
+def _print(text: str) -> None:
+    if sys.stdout is None:  # started with stdout closed (``>&-``): the report would vanish unsaid
+        raise AdapterOpsError("cannot write to standard output: it is closed")
+    try:
+        click.echo(text)
+    except BrokenPipeError:
+        raise  # the reader went away: quiet, as pipes expect (``Group.invoke``)
+    except OSError as exc:  # /dev/full, a failing disk behind a redirect
+        raise AdapterOpsError(f"cannot write to standard output: {exc.strerror or exc}") from None
 
 
 def strict_json(data: Any) -> str:
@@ -149,8 +160,13 @@ def _json_default(value: Any) -> Any:
 
 
 def status(message: str) -> None:
-    """Progress and notes for people go to stderr, keeping stdout clean for --json."""
-    click.echo(printable(message), err=True)
+    """Progress and notes for people go to stderr, keeping stdout clean for --json.
+
+    A note that cannot be written (stderr on a full disk) is dropped: the work goes on."""
+    try:
+        click.echo(printable(message), err=True)
+    except OSError:
+        pass
 
 
 def printable(text: str) -> str:
@@ -209,9 +225,24 @@ allow_nonfinite_option = click.option(
 device_option = click.option("--device", default=None, help="torch device for the computation (default: cuda if present, else cpu).")
 
 
+class _Path(click.ParamType):
+    """A file, directory or Hub id argument: any text but the empty one, which every OS reads as
+    the current directory (``-o ""`` would mean ``-o .``)."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path", param, ctx)
+        return value
+
+
+PATH = _Path()
+
+
 def output_option(help: str = "Output path.") -> Callable:
     return click.option(
-        "-o", "--output", "--out", "output", required=True, type=click.Path(), help=help,
+        "-o", "--output", "--out", "output", required=True, type=PATH, help=help,
         callback=lambda ctx, param, value: remember_output(value) or value,
     )
 

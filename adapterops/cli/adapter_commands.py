@@ -13,6 +13,7 @@ from ..targets import PEFT_TASK_TYPES, complete_metadata, prepare
 from . import main
 from .check_commands import max_lora_rank_option
 from ._common import (
+    PATH,
     allow_nonfinite_option,
     default_device,
     device_option,
@@ -55,7 +56,7 @@ def _render_result(data: dict) -> str:
 
 
 @main.command()
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=PATH)
 @click.option("--weights", "-w", help="Comma-separated weights, one per adapter (default: equal weights summing to 1).")
 @click.option("--method", "-m", default="linear", show_default=True,
               help="Merge method: linear (exact sum), ties, dare_ties, dare_linear, magnitude_prune, della, della_linear, "
@@ -104,7 +105,7 @@ def _render_blend(d: dict) -> str:
 
 
 @main.command()
-@click.argument("adapter", type=click.Path())
+@click.argument("adapter", type=PATH)
 @rank_rule_options(required=True)
 @output_option()
 @format_option
@@ -132,7 +133,7 @@ def compress(adapter, rank, energy, budget, output, fmt, device, force, allow_no
 
 
 @main.command()
-@click.argument("adapter", type=click.Path())
+@click.argument("adapter", type=PATH)
 @allow_nonfinite_option
 @json_option
 def info(adapter, allow_nonfinite, as_json):
@@ -160,10 +161,10 @@ def _render_info(d: dict) -> str:
 
 
 @main.command()
-@click.argument("adapter", type=click.Path())
+@click.argument("adapter", type=PATH)
 @click.option("--to", "fmt", type=click.Choice(list(FORMATS)), required=True, help="Target format.")
 @click.option(
-    "--base", default=None,
+    "--base", default=None, type=PATH,
     help="Base model (HF checkpoint directory, Hub repo id, or its .gguf file): required by --to gguf, "
     "and for reading GGUF files of Llama-family models that lack adapterops' metadata.",
 )

@@ -6,18 +6,18 @@ import click
 
 from ..targets import TARGETS, VLLM_DEFAULT_MAX_LORA_RANK, VLLM_MAX_LORA_RANKS, check as check_adapter
 from . import main
-from ._common import emit, json_option
+from ._common import PATH, emit, json_option
 
 target_option = click.option("--target", "target", type=click.Choice(list(TARGETS)), required=True, help="The consumer to check against.")
 max_lora_rank_option = click.option(
     "--max-lora-rank", type=click.Choice([str(r) for r in VLLM_MAX_LORA_RANKS]), default=str(VLLM_DEFAULT_MAX_LORA_RANK),
     show_default=True, help="vLLM's --max-lora-rank the adapter must fit.",
 )
-base_option = click.option("--base", default=None, help="Base model (directory or Hub id; for llama.cpp also the model's .gguf): checks modules, shapes and architecture.")
+base_option = click.option("--base", default=None, type=PATH, help="Base model (directory or Hub id; for llama.cpp also the model's .gguf): checks modules, shapes and architecture.")
 
 
 @main.command()
-@click.argument("adapter", type=click.Path())
+@click.argument("adapter", type=PATH)
 @target_option
 @max_lora_rank_option
 @base_option

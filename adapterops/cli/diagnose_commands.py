@@ -11,6 +11,7 @@ from ..report import format_comparison, format_diagnosis, plot_diagnosis, requir
 from ..safety import check_work_dir
 from . import main
 from ._common import (
+    PATH,
     allow_nonfinite_option,
     default_device,
     device_option,
@@ -27,12 +28,12 @@ limit_option = click.option("--limit", type=click.IntRange(min=1), default=None,
 
 
 @main.command()
-@click.argument("adapter", type=click.Path())
-@click.option("--base", default=None, help="Base model (directory, safetensors file, Hub id, or NF4 checkpoint) for ||dW||/||W|| and intruder dimensions.")
+@click.argument("adapter", type=PATH)
+@click.option("--base", default=None, type=PATH, help="Base model (directory, safetensors file, Hub id, or NF4 checkpoint) for ||dW||/||W|| and intruder dimensions.")
 @click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True, help="Top singular vectors of W + dW to test.")
 @click.option("--epsilon", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True, help="A vector whose best |cosine| with the base's singular vectors is below this is an intruder.")
-@click.option("--plot", type=click.Path(), default=None, help="Also draw the diagnosis into this PNG (needs matplotlib: pip install 'adapterops[plot]').")
-@click.option("--cache-dir", type=click.Path(), default=None, help="Where base SVDs are cached (default: $ADAPTEROPS_CACHE/svd, else $XDG_CACHE_HOME/adapterops/svd or ~/.cache/adapterops/svd; at most $ADAPTEROPS_CACHE_MAX_GB, default 32, least recently used entries go first).")
+@click.option("--plot", type=PATH, default=None, help="Also draw the diagnosis into this PNG (needs matplotlib: pip install 'adapterops[plot]').")
+@click.option("--cache-dir", type=PATH, default=None, help="Where base SVDs are cached (default: $ADAPTEROPS_CACHE/svd, else $XDG_CACHE_HOME/adapterops/svd or ~/.cache/adapterops/svd; at most $ADAPTEROPS_CACHE_MAX_GB, default 32, least recently used entries go first).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the base SVD cache.")
 @limit_option
 @device_option
@@ -60,8 +61,8 @@ def diagnose(adapter, base, top_k, epsilon, plot, cache_dir, no_cache, limit, de
 
 
 @main.command()
-@click.argument("a", type=click.Path())
-@click.argument("b", type=click.Path())
+@click.argument("a", type=PATH)
+@click.argument("b", type=PATH)
 @limit_option
 @device_option
 @allow_nonfinite_option

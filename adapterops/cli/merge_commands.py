@@ -13,6 +13,7 @@ from ..merging import unmerge as unmerge_checkpoint
 from . import main
 from .quant_commands import retention_warning, rounding_options
 from ._common import (
+    PATH,
     allow_nonfinite_option,
     device_option,
     emit,
@@ -31,10 +32,10 @@ dtype_option = click.option(
     help="Output dtype (default: the base's own; for an NF4 base, writes it dequantized).",
 )
 adapter_option = click.option(
-    "--adapter", "-a", "adapters", multiple=True, required=True, type=click.Path(),
+    "--adapter", "-a", "adapters", multiple=True, required=True, type=PATH,
     help="An adapter (file or PEFT directory); repeat for several.",
 )
-base_option = click.option("--base", "-b", required=True, help="Base checkpoint: directory, safetensors file or Hub repo id.")
+base_option = click.option("--base", "-b", required=True, type=PATH, help="Base checkpoint: directory, safetensors file or Hub repo id.")
 
 TABLE_ROWS = 10
 
@@ -140,7 +141,7 @@ def unmerge(base, adapters, weights, output, device, dtype, force, allow_nonfini
 
 @main.command()
 @base_option
-@click.option("--tuned", "-t", required=True, help="Fine-tuned checkpoint of the same architecture.")
+@click.option("--tuned", "-t", required=True, type=PATH, help="Fine-tuned checkpoint of the same architecture.")
 @click.option("--rank", type=click.IntRange(min=1), help="Rank per layer.")
 @click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Keep this fraction of each layer's squared singular values.")
 @output_option("Where to write the adapter (.st file, or a directory for peft).")

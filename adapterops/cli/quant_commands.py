@@ -8,7 +8,7 @@ import click
 
 from ..quant import quantize_checkpoint
 from . import main
-from ._common import allow_nonfinite_option, device_option, emit, force_option, is_tty, json_option, output_option, quiet_option, refuse_existing
+from ._common import PATH, allow_nonfinite_option, device_option, emit, force_option, is_tty, json_option, output_option, quiet_option, refuse_existing
 
 # Below this share of the delta surviving re-quantization, merge suggests a dense output.
 RETENTION_WARNING = 0.5
@@ -20,7 +20,7 @@ def rounding_options(fn):
     options = (
         click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default="nearest", show_default=True,
                      help="NF4 codes: nearest (bitsandbytes') or gptq (error feedback that keeps the layer outputs)."),
-        click.option("--calibration", type=click.Path(), default=None,
+        click.option("--calibration", type=PATH, default=None,
                      help="JSONL text (train's shapes) whose layer inputs gptq keeps (merge without it: the adapter's own input directions)."),
         click.option("--calibration-samples", type=click.IntRange(min=1), default=128, show_default=True, help="Calibration rows to use."),
         click.option("--max-len", "calibration_max_len", type=click.IntRange(min=2), default=2048, show_default=True,
@@ -32,7 +32,7 @@ def rounding_options(fn):
 
 
 @main.command()
-@click.option("--base", "-b", required=True, help="Base checkpoint: directory, safetensors file or Hub repo id.")
+@click.option("--base", "-b", required=True, type=PATH, help="Base checkpoint: directory, safetensors file or Hub repo id.")
 @output_option("Output directory.")
 @click.option("--blocksize", type=click.Choice(["32", "64", "128", "256", "512", "1024", "2048", "4096"]), default="64", show_default=True, help="Values per NF4 block (one scale each).")
 @click.option("--no-double-quant", is_flag=True, help="Keep the block scales in float32 instead of 8 bits.")

@@ -13,11 +13,12 @@ from typing import Any
 
 import click
 
+from .._files import require_file
 from ..errors import AdapterOpsError, FormatError, brief
 from ..formats import FORMATS, default_format
 from ..safety import check_work_dir, overlap
 from . import main
-from ._common import default_device, device_option, emit, force_option, json_option, output_option, quiet_option, refuse_existing, status
+from ._common import PATH, default_device, device_option, emit, force_option, json_option, output_option, quiet_option, refuse_existing, status
 
 _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
 _DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -47,9 +48,9 @@ def _render(d: dict) -> str:
 
 
 @main.command()
-@click.option("--base", "-b", required=True, help="Base model: a Hugging Face model directory or a Hub repo id.")
-@click.option("--data", "data", required=True, type=click.Path(), help="Training data: JSONL with text, prompt/completion or messages rows.")
-@click.option("--eval", "eval_path", type=click.Path(), help="Evaluation data, same format.")
+@click.option("--base", "-b", required=True, type=PATH, help="Base model: a Hugging Face model directory or a Hub repo id.")
+@click.option("--data", "data", required=True, type=PATH, help="Training data: JSONL with text, prompt/completion or messages rows.")
+@click.option("--eval", "eval_path", type=PATH, help="Evaluation data, same format.")
 @output_option("Where to write the adapter (.st file, or a directory for peft).")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None, help="Output format (default: from the path).")
 @click.option("--rank", "-r", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank.")
@@ -81,9 +82,9 @@ def _render(d: dict) -> str:
               help="Run LoRA layers that read one input (q/k/v, gate/up) as one GEMM each for base and LoRA A.")
 @click.option("--dtype", type=click.Choice(list(_DTYPES)), default="auto", show_default=True, help="Base weights dtype (auto: bf16 on cuda, fp32 on cpu).")
 @device_option
-@click.option("--checkpoint-dir", type=click.Path(), default=None, help="Save resumable checkpoints here.")
+@click.option("--checkpoint-dir", type=PATH, default=None, help="Save resumable checkpoints here.")
 @click.option("--save-every", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps (and at the end).")
-@click.option("--resume", type=click.Path(), default=None, help="Resume from a checkpoint (directory of one, or of several: the latest).")
+@click.option("--resume", type=PATH, default=None, help="Resume from a checkpoint (directory of one, or of several: the latest).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the LoRA init, the data order and dropout.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Data-parallel processes on this machine (one per GPU): runs this command under torchrun; --batch-size is per process.")
@@ -109,8 +110,8 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     quiet = quiet or rank_ != 0  # under torchrun only process 0 talks
     reading = refuse_existing(output, force, [data, eval_path, resume, base if Path(base).exists() else None])
     for source in (data, eval_path):
-        if source is not None and not Path(source).is_file():
-            raise FormatError(f"{source}: no such file")
+        if source is not None:
+            require_file(source)
     if save_every is not None and checkpoint_dir is None and resume is None:
         raise click.UsageError("--save-every needs --checkpoint-dir")
     parsed_targets = parse_targets(targets)

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from .._files import atomic_output, refuse_pickle
+from .._files import atomic_output, refuse_pickle, unreadable
 from ..adapter import Adapter, LoraLayer
 from ..errors import FormatError, NonFiniteError
 from ..safety import Inputs, check_finite
@@ -32,8 +32,9 @@ FORMATS: dict[str, ModuleType] = {"peft": peft, "native": native, "kohya": kohya
 def detect_format(path: str | os.PathLike) -> str:
     """Name of the format of the adapter at ``path``; FormatError when none fits."""
     path = Path(path)
-    if not path.exists():
-        raise FormatError(f"{path}: no such file or directory")
+    if not path.is_file() and not path.is_dir():
+        why = unreadable(path)
+        raise FormatError(f"{path}: {'no such file or directory' if why == 'no such file' else why}")
     refuse_pickle(path)
     for name, module in FORMATS.items():
         if module.sniff(path):
@@ -56,7 +57,7 @@ def locate(source: str | os.PathLike, *, revision: str | None = None) -> tuple[P
     if not path.exists() and revision is None and "@" in str(source):
         repo, _, revision = str(source).rpartition("@")
         path = Path(repo)
-    if path.exists() and revision is None:
+    if os.path.lexists(path) and revision is None:  # a dangling link too: a local path, not a repo id
         return path, detect_format(path)
     from ..checkpoint import resolve_base
 

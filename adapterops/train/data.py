@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .._files import require_file
 from .._safetensors import NOT_TEXT, is_text
 from ..errors import FormatError
 
@@ -51,9 +52,7 @@ class Dataset(list):
 
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, row)`` for every non-blank line, every row checked; all problems in one error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"{path}: no such file")
+    path = require_file(path)
     rows, problems = [], []
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
