@@ -83,6 +83,57 @@ def test_resume_with_other_settings_or_layers_is_refused(tmp_path):
         train_lora(other, dataset(), resume_from=tmp_path / "step-00000003" / ".." / "..")
 
 
+
+def _edited(saved, to, *, state=None, **files):
+    """A copy of checkpoint ``saved`` at ``to`` with ``state(dict)`` applied to state.json and
+    ``files[name](tensors)`` to NAME.safetensors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(saved, to)
+    if state is not None:
+        meta = json.loads((to / "state.json").read_text())
+        state(meta)
+        (to / "state.json").write_text(json.dumps(meta))
+    for name, edit in files.items():
+        save_file(edit(load_file(to / f"{name}.safetensors")), to / f"{name}.safetensors")
+    return to
+
+
+EDITS = {
+    "step 'x' is not a whole number": {"state": lambda m: m.update(step="x")},
+    "step 9 is not a whole number of steps between 0 and the run's 3": {"state": lambda m: m.update(step=9)},
+    "losses is not a list of numbers": {"state": lambda m: m.update(losses=["x"])},
+    "eval_losses is not a list of [step, loss] pairs": {"state": lambda m: m.update(eval_losses=[[1]])},
+    "optimizer is not an object with param_groups": {"state": lambda m: m["optimizer"].pop("param_groups")},
+    "betas are not two numbers": {"state": lambda m: m["optimizer"]["param_groups"][0].update(betas=5)},
+    "lr, weight_decay or eps is not a number": {"state": lambda m: m["optimizer"]["param_groups"][0].update(lr="fast")},
+    "settings is not an object": {"state": lambda m: m.update(settings=[])},
+    "holds 'nodot', not keyed <parameter index>.<name>": {"optimizer": lambda t: {**t, "nodot": torch.zeros(1)}},
+    "0.exp_avg_sq holds NaN or Inf": {"optimizer": lambda t: {**t, "0.exp_avg_sq": t["0.exp_avg_sq"] * float("nan")}},
+    "lora_A holds NaN or Inf": {"lora": lambda t: {k: v * float("nan") if k.endswith("lora_A") else v for k, v in t.items()}},
+    "rng.safetensors does not hold generator states": {"rng": lambda t: {"cpu": t["cpu"].float()}},
+    "rng.safetensors does not fit this torch's generators": {"rng": lambda t: {"cpu": t["cpu"][:3]}},
+    "0.exp_avg is [3, 3] torch.float32 for a parameter of": {"optimizer": lambda t: {**t, "0.exp_avg": torch.zeros(3, 3)}},
+    "0.step is [5] torch.float32": {"optimizer": lambda t: {**t, "0.step": torch.zeros(5)}},
+    "its parameters hold different entries": {"optimizer": lambda t: {k: v for k, v in t.items() if k != "1.exp_avg"}},
+    "torch.int64, the model's is": {"lora": lambda t: {k: v.long() if k.endswith("lora_A") else v for k, v in t.items()}},
+}
+
+
+def test_an_edited_checkpoint_is_one_error_naming_what_is_wrong(tmp_path):
+    """Resuming reads a state.json and three safetensors files: each field a run could not have
+    written is refused by name before any of it is used (not a KeyError, not a torch error mid-step)."""
+    run(steps=3, checkpoint_dir=tmp_path / "ck", save_every=3)
+    saved = tmp_path / "ck" / "step-00000003"
+    for i, (words, edit) in enumerate(EDITS.items()):
+        edited = _edited(saved, tmp_path / f"edit{i}", **edit)
+        model = tiny_llama()
+        add_lora(model, rank=4, alpha=8, dropout=0.1)
+        with pytest.raises(FormatError, match=re.escape(words)):
+            train_lora(model, dataset(), lr=5e-3, batch_size=4, steps=3, seed=2, warmup=2, resume_from=edited)
+
 def test_loss_falls_and_eval_is_reported():
     model = tiny_llama().eval()
     add_lora(model, rank=8, seed=0)

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from .._files import atomic_output, read_json, read_safetensors
-from ..errors import FormatError
+from ..errors import FormatError, brief
 from .layers import LoraLinear
 
 __all__ = ["Checkpoint", "save_checkpoint", "find_checkpoint", "load_checkpoint", "restore_lora", "restore_optimizer", "restore_rng"]
@@ -107,7 +107,65 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     lora, _ = read_safetensors(path / "lora.safetensors")
     optimizer, _ = read_safetensors(path / "optimizer.safetensors")
     rng, _ = read_safetensors(path / "rng.safetensors")
+    problem = _state_problem(state) or _tensor_problem(lora, optimizer, rng)
+    if problem:
+        raise FormatError(f"{path}: {problem}; not a checkpoint as train_lora writes it (edited, or from another program?)")
     return Checkpoint(path=path, state=state, lora=lora, optimizer=optimizer, rng=rng)
+
+
+_STATE_KEY = re.compile(r"^\d+\.[A-Za-z_]\w*$")  # <parameter index>.<name>
+_RNG_KEY = re.compile(r"^(cpu|cuda\.\d+)$")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _state_problem(state: dict[str, Any]) -> str | None:
+    """What in ``state.json`` a run cannot have written, or None."""
+    settings = state.get("settings", {})
+    step = state["step"]
+    if not isinstance(settings, dict):
+        return "settings is not an object"
+    total = settings.get("total_steps")
+    if not _is_int(step) or step < 0 or (_is_int(total) and step > total):
+        return f"step {step!r} is not a whole number of steps between 0 and the run's {total}"
+    losses, evals = state.get("losses", []), state.get("eval_losses", [])
+    if not isinstance(losses, list) or not all(_is_number(x) for x in losses):
+        return "losses is not a list of numbers"
+    if not isinstance(evals, list) or not all(isinstance(e, list) and len(e) == 2 and _is_int(e[0]) and _is_number(e[1]) for e in evals):
+        return "eval_losses is not a list of [step, loss] pairs"
+    opt = state.get("optimizer")
+    if not isinstance(opt, dict) or not isinstance(opt.get("param_groups"), list) or not isinstance(opt.get("scalars", {}), dict):
+        return "optimizer is not an object with param_groups (a list) and scalars (an object)"
+    for group in opt["param_groups"]:
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list) or not all(_is_int(i) and i >= 0 for i in group["params"]):
+            return "a parameter group without a list of parameter indices"
+        if not all(_is_number(group.get(k, 0.0)) for k in ("lr", "weight_decay", "eps")):
+            return "a parameter group whose lr, weight_decay or eps is not a number"
+        betas = group.get("betas", [0.0, 0.0])
+        if not isinstance(betas, list) or len(betas) != 2 or not all(_is_number(b) for b in betas):
+            return "a parameter group whose betas are not two numbers"
+    if not all(_STATE_KEY.match(k) for k in opt.get("scalars", {})):
+        return "optimizer scalars keyed other than <parameter index>.<name>"
+    return None
+
+
+def _tensor_problem(lora: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], rng: dict[str, torch.Tensor]) -> str | None:
+    for file, tensors in (("lora", lora), ("optimizer", optimizer)):
+        bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            return f"{file}.safetensors: {bad} holds NaN or Inf"
+    bad = next((k for k in optimizer if not _STATE_KEY.match(k)), None)
+    if bad is not None:
+        return f"optimizer.safetensors holds {bad!r}, not keyed <parameter index>.<name>"
+    if "cpu" not in rng or any(not _RNG_KEY.match(k) or v.dtype != torch.uint8 or v.dim() != 1 for k, v in rng.items()):
+        return "rng.safetensors does not hold generator states (cpu, cuda.N: 1-D uint8)"
+    return None
 
 
 def restore_lora(checkpoint: Checkpoint, modules: dict[str, LoraLinear]) -> None:
@@ -125,8 +183,8 @@ def restore_lora(checkpoint: Checkpoint, modules: dict[str, LoraLinear]) -> None
     with torch.no_grad():
         for key, param in expected.items():
             value = saved[key]
-            if value.shape != param.shape:
-                raise FormatError(f"{checkpoint.path}: {key} is {list(value.shape)}, the model's is {list(param.shape)}")
+            if not value.is_floating_point() or value.shape != param.shape:
+                raise FormatError(f"{checkpoint.path}: {key} is {list(value.shape)} {value.dtype}, the model's is {list(param.shape)} {param.dtype}")
             param.copy_(value)
         for name, layer in modules.items():  # PiSSA starting factors saved by the run
             for part in ("init_A", "init_B"):
@@ -150,13 +208,35 @@ def restore_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer) 
             group["betas"] = tuple(group["betas"])
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise FormatError(f"{checkpoint.path}: optimizer state does not fit this run ({exc})") from None
+    problem = _optimizer_problem(optimizer)
+    if problem:
+        raise FormatError(f"{checkpoint.path}: optimizer state does not fit this run ({problem})")
+
+
+def _optimizer_problem(optimizer: torch.optim.Optimizer) -> str | None:
+    """Loaded state that differs in its entries from parameter to parameter, or is not shaped like its
+    parameter. (A parameter without state is one that had no gradient yet, as in torch.)"""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len({tuple(sorted(optimizer.state[p])) for p in params if p in optimizer.state}) > 1:
+        return "its parameters hold different entries"
+    for index, p in enumerate(params):
+        for name, value in optimizer.state.get(p, {}).items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            scalar = value.numel() == 1 and value.dim() == 0
+            if not value.is_floating_point() or not (scalar or value.shape == p.shape):
+                return f"{index}.{name} is {list(value.shape)} {value.dtype} for a parameter of {list(p.shape)}"
+    return None
 
 
 def restore_rng(checkpoint: Checkpoint) -> None:
     rng = checkpoint.rng
-    torch.set_rng_state(rng["cpu"])
     cuda = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda.")), key=lambda k: int(k.split(".")[1]))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    try:
+        torch.set_rng_state(rng["cpu"])
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    except RuntimeError as exc:  # a state of the wrong size for this torch's generators
+        raise FormatError(f"{checkpoint.path}: rng.safetensors does not fit this torch's generators ({brief(exc, 200)})") from None
