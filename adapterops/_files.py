@@ -71,7 +71,7 @@ def atomic_output(
             _blame_changed_inputs(watched, exc)  # a file rewritten under the reader fails in odd ways: say why
             raise
         watched.verify()
-        with _sigint_held():
+        with _signals_held():
             _commit(tmp, path, force=force)
             _COMMITTED.add(os.path.abspath(path))
     finally:
@@ -195,22 +195,27 @@ def _appeared(path: Path) -> OutputExistsError:
     )
 
 
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
-def _sigint_held() -> Iterator[None]:
-    """Hold back Ctrl-C for the duration (main thread only), then deliver it."""
+def _signals_held() -> Iterator[None]:
+    """Hold back Ctrl-C, SIGTERM and SIGHUP for the duration (main thread only), then deliver them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in _HELD_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            previous(signal.SIGINT, None)
-        elif caught and previous == signal.SIG_DFL:
-            os.kill(os.getpid(), signal.SIGINT)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            if callable(previous[sig]):
+                previous[sig](sig, None)
+            elif previous[sig] == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
 
 
 def _sibling(path: Path, kind: str) -> Path:

@@ -5,8 +5,10 @@ before torch does. It first starts reading the base of a streaming command into 
 (``_prefetch``), then imports the command line with Ctrl-C deferred: a KeyboardInterrupt raised
 inside torch's C++ start-up can abort the process (``terminate called after throwing ...``), so
 during the import SIGINT only sets a flag, and a flagged start exits 130 with one line, as an
-interrupted command does. Once the command has finished, a Ctrl-C no longer changes its exit
-status, and the process leaves without the interpreter's teardown (``_leave``).
+interrupted command does. SIGTERM and SIGHUP (``kill``, ``timeout``, a closed terminal) stop a
+command the way Ctrl-C does, its temporary output removed, with exit 128 + the signal's number.
+Once the command has finished, no signal changes its exit status, and the process leaves without
+the interpreter's teardown (``_leave``).
 """
 
 import os
@@ -15,34 +17,51 @@ import sys
 
 from . import _prefetch
 
-__all__ = ["main"]
+__all__ = ["STOPS", "Stopped", "main"]
+
+
+STOPS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Python raises KeyboardInterrupt for SIGINT, so that the same
+    clean-up runs; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)
 
 
 def main() -> None:
     _prefetch.start(sys.argv[1:])
-    interrupted: list[int] = []
+    caught: list[int] = []
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+        previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in STOPS}
     except ValueError:  # not the main thread: nothing to defer
-        previous = None
+        previous = {}
     try:
         from .cli import main as cli
     except KeyboardInterrupt:
-        interrupted.append(signal.SIGINT)
+        caught.append(signal.SIGINT)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    if interrupted:
-        sys.stderr.write("Error: interrupted\n")
-        raise SystemExit(130)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if sig == signal.SIGINT else _raise_stopped)
+    if caught:
+        sys.stderr.write(f"Error: {STOPS[caught[0]]}\n")
+        raise SystemExit(128 + caught[0])
     try:
         cli()
         code = 0
     except SystemExit as exc:
         code = exc.code
     finally:
-        # The command is over (its exit status is decided): a late Ctrl-C must not change it.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # The command is over (its exit status is decided): a late signal must not change it.
+        for sig in STOPS:
+            signal.signal(sig, signal.SIG_IGN)
     _leave(code)
 
 

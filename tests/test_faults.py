@@ -1,9 +1,10 @@
 """Fault tests: ``merge``, ``quantize``, ``compress`` and ``convert`` in subprocesses, interrupted by
-SIGINT or SIGKILL at seeded random moments (start-up included).
+SIGINT or SIGKILL at seeded random moments (start-up included), and ``merge`` by SIGTERM and SIGHUP.
 
 Whatever the moment: the inputs stay byte-identical; the output path holds nothing or a complete
-output (byte-identical to an uninterrupted run) and the exit code says which (0, or 130 with one
-line for SIGINT); a later run to the same output removes what a killed run left behind.
+output (byte-identical to an uninterrupted run) and the exit code says which (0, or 128 + the
+signal with one line for SIGINT, SIGTERM, SIGHUP); a later run to the same output removes what a
+killed run left behind.
 """
 
 from __future__ import annotations
@@ -103,3 +104,20 @@ def test_interrupted_runs_leave_nothing_or_everything(inputs, start_up, tmp_path
     else:
         assert code == 130 and err.splitlines() == ["Error: interrupted"] and nothing_at(target), what
     assert digest(inputs) == before
+
+
+@pytest.mark.parametrize(("sig", "words"), [(signal.SIGTERM, "terminated"), (signal.SIGHUP, "hung up")])
+def test_sigterm_and_sighup_stop_like_ctrl_c(inputs, start_up, tmp_path, sig, words):
+    """``kill``, ``timeout`` or a closed terminal: the temporary output is removed, not left to the next run."""
+    reference = tmp_path / "reference"
+    began = time.perf_counter()
+    assert run(COMMANDS["merge"](inputs, reference), None, 0)[0] == 0
+    took = time.perf_counter() - began
+    rng = random.Random(sig.name)
+    for when in (rng.uniform(EARLIEST, start_up), rng.uniform(start_up, took)):  # during the imports, then the work
+        out = tmp_path / f"out-{when:.3f}"
+        code, err = run(COMMANDS["merge"](inputs, out), when, sig)
+        if code == 0:
+            assert complete(out, reference, "merge")
+        else:
+            assert code == 128 + sig and err.splitlines() == [f"Error: {words}"] and nothing_at(out), (when, code, err)

@@ -1,8 +1,8 @@
 """What every command shares: error handling, --json output, common options, progress on stderr.
 
 Every failure ends as one ``Error: ...`` line on stderr: exit 1 for errors, 2 for usage errors
-(the line ends with where to find help), 130 for Ctrl-C, unless the command's output was already
-published, in which case it exits 0 (the output is complete).
+(the line ends with where to find help), 130 for Ctrl-C (143 for SIGTERM, 129 for SIGHUP), unless
+the command's output was already published, in which case it exits 0 (the output is complete).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from typing import Any
 import click
 
 from .._files import committed
+from .._launch import STOPS
 from ..errors import AdapterOpsError, OutputExistsError
 from ..safety import Inputs, check_output
 
@@ -38,8 +40,8 @@ class Group(click.Group):
                 return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except KeyboardInterrupt:
-            raise _Interrupted from None  # past click, which would print a blank line and "Aborted!"
+        except KeyboardInterrupt as exc:
+            raise _Interrupted(exc) from None  # past click, which would print a blank line and "Aborted!"
         except BrokenPipeError:
             raise  # the reader of stdout went away (``| head``): click exits 1 quietly, as pipes expect
         except Exception as exc:
@@ -50,8 +52,8 @@ class Group(click.Group):
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:
             return super().make_context(*args, **kwargs)
-        except KeyboardInterrupt:  # while parsing: past click, which would print a blank line first
-            raise _Interrupted from None
+        except KeyboardInterrupt as exc:  # while parsing: past click, which would print a blank line first
+            raise _Interrupted(exc) from None
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
@@ -59,11 +61,12 @@ class Group(click.Group):
         _OUTPUTS.clear()
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except (_Interrupted, KeyboardInterrupt, click.Abort):
+        except (_Interrupted, KeyboardInterrupt, click.Abort) as exc:
             if any(committed(p) for p in _OUTPUTS):
-                sys.exit(0)  # the output is complete: Ctrl-C came after it was published
-            click.echo("Error: interrupted", err=True)
-            sys.exit(130)
+                sys.exit(0)  # the output is complete: the signal came after it was published
+            signum = getattr(exc.cause if isinstance(exc, _Interrupted) else exc, "signum", signal.SIGINT)
+            click.echo(f"Error: {STOPS[signum]}", err=True)
+            sys.exit(128 + signum)
         except click.UsageError as exc:
             if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
                 exc.show()  # no arguments at all: the help, as click prints it
@@ -78,7 +81,11 @@ class Group(click.Group):
 
 
 class _Interrupted(Exception):
-    """Ctrl-C, carried past click's own handling to ``Group.main``."""
+    """Ctrl-C (or SIGTERM, SIGHUP: ``_launch.Stopped``), carried past click's own handling to ``Group.main``."""
+
+    def __init__(self, cause: BaseException | None = None) -> None:
+        super().__init__()
+        self.cause = cause
 
 
 _OUTPUTS: list[str] = []  # the output paths of the running command (see ``remember_output``)
