@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as _safetensors_bytes
 
+from ._launch import STOPS
 from ._safetensors import read_header, read_tensor
 from ._progress import format_bytes
 from .errors import FormatError, NoSpaceError, OutputExistsError
@@ -195,9 +196,6 @@ def _appeared(path: Path) -> OutputExistsError:
     )
 
 
-_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 @contextmanager
 def _signals_held() -> Iterator[None]:
     """Hold back Ctrl-C, SIGTERM and SIGHUP for the duration (main thread only), then deliver them."""
@@ -205,7 +203,7 @@ def _signals_held() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in _HELD_SIGNALS}
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in STOPS}
     try:
         yield
     finally:
@@ -340,7 +338,7 @@ def unreadable(path: Path) -> str:
         return "not a regular file (a pipe, socket or device)"  # reading one could block or never end
     if os.path.lexists(path):
         return "a symbolic link that leads nowhere (its target is missing, or the links loop)"
-    return "no such file"
+    return "no such file or directory"
 
 
 MAX_JSON_BYTES = 100_000_000  # as for safetensors headers: configs and indexes are kilobytes to megabytes

@@ -20,7 +20,9 @@ from . import _prefetch
 __all__ = ["STOPS", "Stopped", "main"]
 
 
-STOPS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}
+# The signals that stop a command cleanly, and the word for each (SIGHUP is POSIX only).
+STOPS = {getattr(signal, name): words for name, words in (("SIGINT", "interrupted"), ("SIGTERM", "terminated"), ("SIGHUP", "hung up"))
+         if hasattr(signal, name)}
 
 
 class Stopped(KeyboardInterrupt):

@@ -33,8 +33,7 @@ def detect_format(path: str | os.PathLike) -> str:
     """Name of the format of the adapter at ``path``; FormatError when none fits."""
     path = Path(path)
     if not path.is_file() and not path.is_dir():
-        why = unreadable(path)
-        raise FormatError(f"{path}: {'no such file or directory' if why == 'no such file' else why}")
+        raise FormatError(f"{path}: {unreadable(path)}")
     refuse_pickle(path)
     for name, module in FORMATS.items():
         if module.sniff(path):
