@@ -36,8 +36,14 @@ def test_lr_schedule_is_linear_warmup_then_cosine():
 def test_seeded_runs_give_the_same_losses(device):
     _, a = run(device)
     _, b = run(device)
-    assert a.losses == b.losses and len(a.losses) == 8
-    assert all(torch.equal(a.adapter[n].A, b.adapter[n].A) for n in a.adapter)
+    assert len(a.losses) == 8
+    if device == "cpu":
+        assert a.losses == b.losses
+        assert all(torch.equal(a.adapter[n].A, b.adapter[n].A) for n in a.adapter)
+    else:  # compiled CUDA kernels may sum in another order from one compilation to the next (seen: 1e-7 relative)
+        torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-5, atol=0)
+        for n in a.adapter:
+            torch.testing.assert_close(a.adapter[n].A, b.adapter[n].A, rtol=1e-4, atol=1e-6)
     _, c = run(device, seed=3)
     assert c.losses != a.losses
 
