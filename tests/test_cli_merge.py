@@ -136,3 +136,17 @@ def test_hub_id_through_the_environment_in_a_subprocess(files, tmp_path):
     assert missing.stderr.strip().splitlines() == [
         "Error: org/absent: not a local path, and not in the Hugging Face cache (offline mode is on); download it first or pass a directory"
     ]
+
+
+def test_a_device_that_is_not_here_is_named(monkeypatch):
+    """cuda:N past the GPUs torch sees (and devices adapterops does not compute on) fail before any work."""
+    from adapterops.errors import AdapterOpsError
+    from adapterops.rewrite import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(AdapterOpsError, match=r"^device cuda:2 was asked for, but torch sees 2 CUDA GPU\(s\) here \(cuda:0 to cuda:1\)$"):
+        resolve_device("cuda:2")
+    with pytest.raises(AdapterOpsError, match="^device meta is not one adapterops computes on"):
+        resolve_device("meta")
