@@ -188,3 +188,12 @@ def test_a_row_escaping_an_unpaired_surrogate_is_a_bad_row(tmp_path):
     path.write_text('{"text": "fine"}\n{"text": "\\ud800"}\n', encoding="utf-8")
     with pytest.raises(FormatError, match=r"d\.jsonl:2: escapes an unpaired UTF-16 surrogate"):
         read_jsonl(path)
+
+
+def test_a_byte_order_mark_before_the_first_row_is_not_data(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "hello"}\r\n{"text": "again"}\n')  # as Windows editors save it
+    assert [row for _, row in read_jsonl(path)] == [{"text": "hello"}, {"text": "again"}]
+    path.write_bytes(b'{"text": "hello"}\n\xef\xbb\xbf{"text": "again"}\n')  # elsewhere it is a character, not JSON
+    with pytest.raises(FormatError, match=r"bom.jsonl:2: not valid JSON"):
+        read_jsonl(path)

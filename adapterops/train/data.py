@@ -54,7 +54,7 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, row)`` for every non-blank line, every row checked; all problems in one error."""
     path = require_file(path)
     rows, problems = [], []
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, encoding="utf-8-sig", errors="strict") as f:  # -sig: a BOM that Windows editors put first is not data
         try:
             lines = list(f)
         except UnicodeDecodeError as exc:
