@@ -106,7 +106,7 @@ def read_header(file: str | os.PathLike) -> Header:
             raise FormatError(f"{file}: not a readable safetensors file ({len(raw)} bytes, shorter than the 8-byte header length)")
         if raw[:4] == b"GGUF":
             raise FormatError(f"{file}: a GGUF file, not safetensors; this command reads safetensors checkpoints (llama.cpp's "
-                              "GGUF is read as an adapter, and as the base of convert --to gguf)")
+                              "GGUF is read as an adapter, and as the base of convert --to gguf and check --target llama.cpp)")
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER:
             raise FormatError(f"{file}: not a readable safetensors file (header length {n} is implausible: the limit is {MAX_HEADER:,} bytes)")
