@@ -240,7 +240,7 @@ class _Path(click.ParamType):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and not value.strip():
-            self.fail("an empty path", param, ctx)
+            self.fail("an empty path" if not value else "a blank path", param, ctx)
         return value
 
 

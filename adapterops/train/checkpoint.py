@@ -11,7 +11,8 @@ A checkpoint is a directory ``<checkpoint_dir>/step-00000100/`` holding
   which a resume must repeat to continue exactly.
 
 Each directory is written to a temporary sibling and renamed into place, so a crash mid-save leaves
-the previous checkpoint intact.
+the previous checkpoint intact. Reading one back checks every field before any of it is used, so an
+edited or foreign checkpoint is one error naming the field, not a failure in the middle of a step.
 """
 
 from __future__ import annotations
@@ -132,7 +133,9 @@ def _state_problem(state: dict[str, Any]) -> str | None:
     if not isinstance(settings, dict):
         return "settings is not an object"
     total = settings.get("total_steps")
-    if not _is_int(step) or step < 0 or (_is_int(total) and step > total):
+    if not _is_int(total):
+        return "settings.total_steps is not a whole number"
+    if not _is_int(step) or not 0 <= step <= total:
         return f"step {step!r} is not a whole number of steps between 0 and the run's {total}"
     losses, evals = state.get("losses", []), state.get("eval_losses", [])
     if not isinstance(losses, list) or not all(_is_number(x) for x in losses):
