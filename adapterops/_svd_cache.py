@@ -68,6 +68,9 @@ def default_cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "adapterops" / "svd"
 
 
+NO_LIMIT = 1 << 62  # bytes: more than any disk holds
+
+
 def default_max_bytes() -> int:
     text = os.environ.get(CACHE_MAX_ENV)
     if not text:
@@ -78,7 +81,7 @@ def default_max_bytes() -> int:
         raise FormatError(f"{CACHE_MAX_ENV}={text!r}: expected a number of gigabytes") from None
     if not value >= 0:
         raise FormatError(f"{CACHE_MAX_ENV}={text!r}: expected a non-negative number of gigabytes")
-    return int(value * 1e9)
+    return int(min(value * 1e9, NO_LIMIT))  # inf (or 1e400): no limit
 
 
 def content_key(parts: Sequence[tuple[str, torch.Tensor]], *, transposed: bool) -> str:

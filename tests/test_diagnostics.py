@@ -626,3 +626,16 @@ def test_cholesky_qr_is_orthonormal_and_falls_back_on_rank_deficient_blocks():
         reference = torch.linalg.qr(Y)[0]
         for i in (0, 2):  # full-rank blocks span what Householder's Q spans
             torch.testing.assert_close(Q[i] @ (Q[i].mT @ reference[i]), reference[i], rtol=0, atol=1e-10)
+
+
+def test_the_cache_limit_is_read_from_the_environment(monkeypatch):
+    from adapterops._svd_cache import CACHE_MAX_ENV, DEFAULT_MAX_BYTES, NO_LIMIT, default_max_bytes
+    from adapterops.errors import FormatError
+
+    for text, expected in (("", DEFAULT_MAX_BYTES), ("2", 2_000_000_000), (" 0.5 ", 500_000_000), ("0", 0), ("inf", NO_LIMIT), ("1e400", NO_LIMIT)):
+        monkeypatch.setenv(CACHE_MAX_ENV, text)
+        assert default_max_bytes() == expected, text
+    for text in ("abc", "-1", "nan"):
+        monkeypatch.setenv(CACHE_MAX_ENV, text)
+        with pytest.raises(FormatError, match=f"^{CACHE_MAX_ENV}="):
+            default_max_bytes()
