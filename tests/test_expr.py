@@ -216,3 +216,15 @@ def test_eval_notes_unused_bindings(files):
     result = CliRunner().invoke(main, ["eval", "x", f"x={files / 'a.st'}", f"y={files / 'missing.st'}", "-o", str(files / "o.st")])
     assert result.exit_code == 0, result.output
     assert "note: y is bound but not used" in result.stderr
+
+
+def test_an_expression_that_begins_with_a_minus_goes_after_double_dash(files):
+    out = files / "neg.st"
+    misread = CliRunner().invoke(main, ["eval", "-x + y", f"x={files / 'a.st'}", f"y={files / 'b.st'}", "-o", str(out)])
+    assert misread.exit_code == 2 and misread.stderr.count("\n") == 1
+    assert "An expression that begins with '-' goes after '--', the options before it: " in misread.stderr and " eval -o OUT -- EXPRESSION" in misread.stderr
+    typo = CliRunner().invoke(main, ["eval", "--forse", "x", f"x={files / 'a.st'}", "-o", str(out)])
+    assert typo.exit_code == 2 and "goes after '--'" not in typo.stderr  # a misspelt option is not an expression
+    result = CliRunner().invoke(main, ["eval", "-o", str(out), "--", "-x + y", f"x={files / 'a.st'}", f"y={files / 'b.st'}"])
+    assert result.exit_code == 0, result.output
+    torch.testing.assert_close(delta(adapterops.load(out)).double(), delta(B) - delta(A), rtol=1e-6, atol=1e-6)
