@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputChangedError, NonFiniteError, OutputExistsError, OutputOverlapError
+from .errors import AdapterOpsError, InputChangedError, NonFiniteError, OutputExistsError, OutputOverlapError
 
-__all__ = ["check_output", "Inputs", "FiniteCheck", "check_finite"]
+__all__ = ["check_output", "check_writable", "Inputs", "FiniteCheck", "check_finite"]
 
 PathLike = str | os.PathLike
 _SHOWN = 5  # tensors named in a non-finite error; the rest are counted
@@ -99,7 +99,28 @@ def check_output(out: PathLike, *, inputs: Inputs | Iterable[PathLike | None] = 
     kind = _special_kind(out)
     if kind:
         raise OutputExistsError(f"{out} is {kind}, not a file or directory; only those are ever replaced, even with --force; choose another output path")
+    check_writable(out)
     return out
+
+
+def check_writable(out: PathLike, *, inside: bool = False) -> None:
+    """Refuse, before any work, an output whose directory (or the nearest one that exists, which
+    the writer will create it in) cannot be written: a read-only file system, no permission.
+    ``inside``: ``out`` is a directory to write files into (checkpoints), itself the one to check."""
+    folder = Path(os.path.abspath(out))
+    folder = folder if inside else folder.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        reason = "a read-only file system" if _read_only(folder) else "no permission to write there"
+        raise AdapterOpsError(f"{out}: cannot write into {folder} ({reason}); choose another output path")
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 def overlap(a: PathLike, b: PathLike) -> tuple[Path, Path] | None:

@@ -437,3 +437,37 @@ def test_notes_that_cannot_be_written_do_not_stop_the_work_or_move_to_stdout(fil
     missing = subprocess.run([*CLI, "info", tmp_path / "none.st"], **close_stderr)
     usage = subprocess.run([*CLI, "info", "--bogus"], **close_stderr)
     assert (missing.returncode, missing.stdout, usage.returncode, usage.stdout) == (1, "", 2, "")
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(files, tmp_path, monkeypatch):
+    """A directory without write permission (a read-only file system alike) fails up front, naming
+    the directory, also where the output would go into folders not made yet; a write that fails
+    later names the output, not its hidden temporary."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real(p, mode, **kw))
+    for out in (locked / "c.st", locked / "new" / "dir" / "c.st"):
+        line = refused(["compress", files / "a.st", "--rank", "1", "-o", out], [files / "a.st"], out,
+                       f"{out}: cannot write into {locked} (no permission to write there); choose another output path")
+        assert line.count("Error:") == 1
+    monkeypatch.undo()
+    from adapterops.checkpoint import ShardWriter
+
+    def fails(self, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", str(self.path))  # the shard inside the temporary
+
+    monkeypatch.setattr(ShardWriter, "add", fails)
+    out = tmp_path / "m"
+    refused(["merge", "-b", files / "base", "-a", files / "a.st", "-o", out], [files / "base"], out, f"Error: {out}: Input/output error")
+
+
+def test_a_checkpoint_directory_that_cannot_be_written_is_refused_before_training(files, tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real(p, mode, **kw))
+    result = cli("train", "-b", files / "base", "--data", files / "data.jsonl", "-o", tmp_path / "a.st", "--checkpoint-dir", locked / "ck")
+    assert result.exit_code == 1
+    assert one_line(result.stderr) == f"Error: {locked / 'ck'}: cannot write into {locked} (no permission to write there); choose another output path"
+    assert os.listdir(tmp_path) == ["locked"]

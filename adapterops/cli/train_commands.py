@@ -16,7 +16,7 @@ import click
 from .._files import require_file
 from ..errors import AdapterOpsError, FormatError, brief
 from ..formats import FORMATS, default_format
-from ..safety import check_work_dir, overlap
+from ..safety import check_work_dir, check_writable, overlap
 from . import main
 from ._common import PATH, default_device, device_option, emit, force_option, json_option, output_option, quiet_option, refuse_existing, status
 
@@ -39,7 +39,7 @@ def parse_targets(text: str) -> Any:
 
 
 def _render(d: dict) -> str:
-    lines = [f"trained {d['steps']} steps" + (f" (resumed at step {d['resumed_from']})" if d["resumed_from"] else "")
+    lines = [f"trained {d['steps']} step{'s' if d['steps'] != 1 else ''}" + (f" (resumed at step {d['resumed_from']})" if d["resumed_from"] else "")
              + f": final loss {d['final_loss']:.4f}"
              + (f", eval loss {d['eval_loss']:.4f}" if d["eval_loss"] is not None else "")
              + f", {d['tokens_per_second']:,.0f} tokens/s (steady state; first step {d['warmup_seconds']:.1f}s)"]
@@ -128,6 +128,7 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
     reading.add([path])  # the base, data and checkpoint must hold still while they are read
     if checkpoint_dir is not None:
         check_work_dir(checkpoint_dir, inputs=[path, data, eval_path], what="--checkpoint-dir")
+        check_writable(checkpoint_dir, inside=True)  # before the run, not at its first checkpoint
         if overlap(output, checkpoint_dir):
             raise click.UsageError(f"-o {output} and --checkpoint-dir {checkpoint_dir} overlap; give the checkpoints a directory of their own")
     device = default_device(device)
