@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .errors import FormatError
+from .errors import AdapterOpsError, FormatError, is_out_of_memory
 
 __all__ = ["MAX_HEADER", "DTYPE_BITS", "TORCH_DTYPES", "TensorEntry", "Header", "read_header", "read_tensor", "read_exact"]
 
@@ -226,7 +226,13 @@ def read_tensor(entry: TensorEntry, name: str, *, fd: int | None = None, out: to
     """
     if entry.dtype not in TORCH_DTYPES:
         raise FormatError(f"{entry.file}: tensor {name} has dtype {entry.dtype}, which torch cannot hold")
-    buf = torch.empty(entry.nbytes, dtype=torch.uint8) if out is None else out[: entry.nbytes]
+    try:
+        buf = torch.empty(entry.nbytes, dtype=torch.uint8) if out is None else out[: entry.nbytes]
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise AdapterOpsError(f"{entry.file}: tensor {name} ({list(entry.shape)} {entry.dtype}) is {entry.nbytes / 1e9:.1f} GB, "
+                              "more than memory holds") from None
     own = fd is None
     try:
         if own:

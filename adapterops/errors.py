@@ -60,3 +60,11 @@ class BaseMismatchError(AdapterOpsError):
 def brief(exc: BaseException, limit: int) -> str:
     """A foreign exception's message on one line, cut to ``limit`` characters, to quote inside ours."""
     return " ".join(str(exc).split())[:limit]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed: CUDA's OutOfMemoryError, Python's MemoryError,
+    or the CPU allocator's RuntimeError ("can't allocate memory")."""
+    import torch  # here, not at the top: this module loads before torch does
+
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (isinstance(exc, RuntimeError) and "allocate" in str(exc))

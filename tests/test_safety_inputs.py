@@ -566,3 +566,30 @@ def test_an_oversized_config_is_refused_without_reading_it(tmp_path):
         f.truncate(200_000_000)  # sparse: no disk used, but reading it whole would take 200 MB
     with pytest.raises(FormatError, match="200,000,000 bytes, too large for a config"):
         ao.load(d)
+
+
+def test_a_tensor_larger_than_memory_is_one_error_with_its_size(tmp_path, monkeypatch):
+    """A sparse file whose header declares a 17 GB factor: the allocation fails, and the error says which tensor and how big."""
+    import struct
+
+    from adapterops.errors import AdapterOpsError
+
+    n = 2**31
+    header = {"lora_A": {"dtype": "F32", "shape": [2, n], "data_offsets": [0, 8 * n]}}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "huge.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + 8 * n)
+    real = torch.empty
+
+    def empty(*size, **kwargs):
+        if size and isinstance(size[0], int) and size[0] > 1 << 30:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 17179869184 bytes")
+        return real(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    from adapterops._files import read_safetensors
+
+    with pytest.raises(AdapterOpsError, match=r"huge.safetensors: tensor lora_A \(\[2, 2147483648\] F32\) is 17.2 GB, more than memory holds$"):
+        read_safetensors(path)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter
-from ..errors import AdapterOpsError, UnsupportedOperationError, brief
+from ..errors import AdapterOpsError, UnsupportedOperationError, brief, is_out_of_memory
 from .layers import LoraLinear, NF4Linear
 
 __all__ = ["LoraConfig", "LoraHandle", "add_lora", "find_targets", "lora_modules", "lora_adapter", "INITS", "QUANTIZERS"]
@@ -356,7 +356,7 @@ def add_lora(
             _set_module(model, name, found[name])
         for n, p in model.named_parameters(remove_duplicate=False):
             p.requires_grad_(requires_grad[n])
-        if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
+        if not is_out_of_memory(exc):
             raise
         values = sum(rank * (m.in_features + m.out_features) for m in found.values())
         raise AdapterOpsError(f"rank {rank} on {len(found)} layers is {values:,} LoRA values, more than memory holds "
