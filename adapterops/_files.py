@@ -65,7 +65,7 @@ def atomic_output(
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 _blame_changed_inputs(watched, exc)
-                if exc.filename is not None and os.fsdecode(exc.filename).startswith(str(tmp)):
+                if isinstance(exc.filename, (str, bytes, os.PathLike)) and os.fsdecode(exc.filename).startswith(str(tmp)):
                     raise OSError(exc.errno, exc.strerror, str(path)) from None  # the output's name, not the temporary's
                 raise
             _remove(tmp)
