@@ -23,8 +23,10 @@ Reads go through file descriptors (``os.open``), so any file name the OS accepts
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,11 +78,11 @@ class Header:
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Bad(f"key {key!r} appears twice in the header")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise _Bad(f"key {twice!r} appears twice in the header")
     return out
 
 
@@ -120,9 +122,23 @@ def read_header(file: str | os.PathLike) -> Header:
     finally:
         os.close(fd)
     try:
-        return _parse(file, text, size)
+        return _parse_once(file, size, hashlib.blake2b(text, digest_size=16).digest(), text)
     except _Bad as exc:
         raise FormatError(f"{file}: not a readable safetensors file ({exc})") from None
+
+
+def _parse_once(file: Path, size: int, digest: bytes, text: bytes) -> Header:
+    """``_parse``, remembered for the last few headers: detecting a format, then loading, reads one
+    header up to three times, and a crafted header near the size limit takes seconds to check."""
+    key = (file, size, digest)
+    if key not in _PARSED:
+        if len(_PARSED) >= 8:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[key] = _parse(file, text, size)
+    return _PARSED[key]
+
+
+_PARSED: dict[tuple[Path, int, bytes], Header] = {}  # headers are never changed after parsing
 
 
 NOT_TEXT = "escapes an unpaired UTF-16 surrogate (\\uD800-\\uDFFF), which is not text"
@@ -136,6 +152,9 @@ def is_text(value: Any) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a lone surrogate can enter a header: as an escape
 
 
 def _parse(file: Path, text: bytes, size: int) -> Header:
@@ -153,7 +172,7 @@ def _parse(file: Path, text: bytes, size: int) -> Header:
         raise _Bad("the header nests too deeply") from None
     if not isinstance(header, dict):
         raise _Bad("the header is not a JSON object")
-    if not is_text(header):  # as the safetensors library, refuse what no UTF-8 file can hold
+    if _SURROGATE_ESCAPE.search(decoded) and not is_text(header):  # as the safetensors library, refuse what no UTF-8 file can hold
         raise _Bad(f"the header {NOT_TEXT}")
     metadata = header.pop("__metadata__", None)
     if metadata is None:

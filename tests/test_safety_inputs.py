@@ -593,3 +593,21 @@ def test_a_tensor_larger_than_memory_is_one_error_with_its_size(tmp_path, monkey
 
     with pytest.raises(AdapterOpsError, match=r"huge.safetensors: tensor lora_A \(\[2, 2147483648\] F32\) is 17.2 GB, more than memory holds$"):
         read_safetensors(path)
+
+
+def test_a_header_is_checked_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    """Detecting a format and loading read one header up to three times: it is parsed once; a file
+    whose header changed (same name and size) is parsed anew."""
+    from safetensors.torch import save_file
+
+    from adapterops import _safetensors
+
+    path = tmp_path / "a.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path))
+    parsed = []
+    real = _safetensors._parse
+    monkeypatch.setattr(_safetensors, "_parse", lambda *args: parsed.append(1) or real(*args))
+    first = _safetensors.read_header(path)
+    assert _safetensors.read_header(path) is first and len(parsed) == 1
+    save_file({"y": torch.zeros(2)}, str(path))  # another name, the same size
+    assert list(_safetensors.read_header(path).entries) == ["y"] and len(parsed) == 2
