@@ -241,7 +241,10 @@ def test_missing_paths(tmp_path):
     with pytest.raises(FormatError, match="no adapter_model.safetensors"):
         ao.load(tmp_path / "p")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FormatError, match="not a recognised adapter"):
+    with pytest.raises(FormatError, match=r"not a recognised adapter \(expected [^;]*\)$"):
+        ao.load(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text("{}")  # a model directory given where an adapter goes
+    with pytest.raises(FormatError, match=r"not a recognised adapter .*; it looks like a model checkpoint: pass it as the base \(--base\)$"):
         ao.load(tmp_path / "empty")
 
 

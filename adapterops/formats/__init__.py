@@ -38,9 +38,11 @@ def detect_format(path: str | os.PathLike) -> str:
     for name, module in FORMATS.items():
         if module.sniff(path):
             return name
+    model = path.is_dir() and any((path / n).is_file() for n in ("config.json", "model.safetensors", "model.safetensors.index.json"))
     raise FormatError(
         f"{path}: not a recognised adapter (expected a PEFT directory with adapter_config.json, "
         "an adapterops .st/.safetensors file, a kohya safetensors file, or a GGUF LoRA file)"
+        + ("; it looks like a model checkpoint: pass it as the base (--base)" if model else "")
     )
 
 
