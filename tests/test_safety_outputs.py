@@ -471,3 +471,9 @@ def test_a_checkpoint_directory_that_cannot_be_written_is_refused_before_trainin
     assert result.exit_code == 1
     assert one_line(result.stderr) == f"Error: {locked / 'ck'}: cannot write into {locked} (no permission to write there); choose another output path"
     assert os.listdir(tmp_path) == ["locked"]
+
+
+def test_a_torchrun_variable_that_is_not_a_number_is_one_line(files, tmp_path):
+    """train reads RANK first (only process 0 talks); the others are read through the same helper."""
+    result = cli("train", "-b", files / "base", "--data", files / "data.jsonl", "-o", tmp_path / "a.st", "--device", "cpu", RANK="abc")
+    assert result.exit_code == 1 and one_line(result.stderr) == "Error: RANK='abc' in the environment is not an integer (is this run started by torchrun?)"

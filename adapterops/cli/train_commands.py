@@ -106,7 +106,9 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
         raise click.UsageError("give --epochs or --steps, not both")
     if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_under_torchrun(nproc)
-    rank_ = int(os.environ.get("RANK", "0"))
+    from ..train.distributed import env_int  # here: the other commands' start-up does without the training modules
+
+    rank_ = env_int("RANK", 0)
     quiet = quiet or rank_ != 0  # under torchrun only process 0 talks
     reading = refuse_existing(output, force, [data, eval_path, resume, base if Path(base).exists() else None])
     for source in (data, eval_path):
@@ -132,8 +134,8 @@ def train(base, data, eval_path, output, fmt, rank, alpha, targets, dropout, rsl
         if overlap(output, checkpoint_dir):
             raise click.UsageError(f"-o {output} and --checkpoint-dir {checkpoint_dir} overlap; give the checkpoints a directory of their own")
     device = default_device(device)
-    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
+    if device == "cuda" and env_int("WORLD_SIZE", 1) > 1:
+        device = f"cuda:{env_int('LOCAL_RANK', 0)}"  # one GPU per process
     torch_dtype = getattr(torch, _DTYPES[dtype]) if _DTYPES[dtype] else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))

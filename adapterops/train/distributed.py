@@ -49,7 +49,7 @@ from torch import nn
 
 from ..errors import AdapterOpsError
 
-__all__ = ["STRATEGIES", "World", "world", "check_replicas", "decoder_blocks", "shard_model"]
+__all__ = ["STRATEGIES", "World", "world", "check_replicas", "decoder_blocks", "env_int", "shard_model"]
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -130,10 +130,10 @@ def world(strategy: str | None, device: torch.device) -> World:
     """
     if strategy is not None and strategy not in STRATEGIES:
         raise AdapterOpsError(f"unknown training strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    size = _env_int("WORLD_SIZE", 1)
+    size = env_int("WORLD_SIZE", 1)
     if size <= 1:
         return World()
-    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    rank, local = env_int("RANK", 0), env_int("LOCAL_RANK", 0)
     import torch.distributed as dist
 
     if device.type == "cuda" and device.index not in (None, local):
@@ -210,7 +210,8 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
+    """The integer torchrun put in the environment variable ``name``, or ``default`` when unset."""
     text = os.environ.get(name)
     if text is None:
         return default
