@@ -90,8 +90,18 @@ class _Bad(Exception):
     """A header problem, turned into FormatError with the file name by ``read_header``."""
 
 
+def is_json_int(x: object) -> bool:
+    """A JSON integer as ``json.loads`` gives it: an int, not a bool (which Python counts as one)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_json_number(x: object) -> bool:
+    """A JSON number as ``json.loads`` gives it: an int or a float, not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**64
+    return is_json_int(x) and 0 <= x < 2**64
 
 
 def read_header(file: str | os.PathLike) -> Header:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .._files import read_json, read_safetensors, write_safetensors
+from .._safetensors import is_json_int, is_json_number
 from ..adapter import Adapter, lora_scale
 from ..errors import FormatError
 from . import patterns as _patterns
@@ -85,11 +86,11 @@ def _config_field(config: Mapping[str, Any], field: str, source: str) -> Any:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, dict):
-        ok = isinstance(value, dict) and all(_is_number(v) and (field != "rank_pattern" or _is_rank(v)) for v in value.values())
+        ok = isinstance(value, dict) and all(is_json_number(v) and (field != "rank_pattern" or _is_rank(v)) for v in value.values())
     elif field == "r":
         ok = _is_rank(value)
     else:
-        ok = _is_number(value)
+        ok = is_json_number(value)
     if not ok:
         want = {"r": "a positive integer", "rank_pattern": "an object of positive integers", "alpha_pattern": "an object of numbers"}
         kind = "true or false" if isinstance(default, bool) else want.get(field, "a number")
@@ -97,12 +98,8 @@ def _config_field(config: Mapping[str, Any], field: str, source: str) -> Any:
     return value
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _is_rank(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+    return is_json_int(x) and x >= 1
 
 
 def from_state_dict(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], *, source: str) -> Adapter:

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from .._files import atomic_output, read_json, read_safetensors
+from .._safetensors import is_json_int, is_json_number
 from ..errors import FormatError, brief
 from .layers import LoraLinear
 
@@ -118,14 +119,6 @@ _STATE_KEY = re.compile(r"^\d+\.[A-Za-z_]\w*$")  # <parameter index>.<name>
 _RNG_KEY = re.compile(r"^(cpu|cuda\.\d+)$")
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _state_problem(state: dict[str, Any]) -> str | None:
     """What in ``state.json`` a run cannot have written, or None."""
     settings = state.get("settings", {})
@@ -133,25 +126,25 @@ def _state_problem(state: dict[str, Any]) -> str | None:
     if not isinstance(settings, dict):
         return "settings is not an object"
     total = settings.get("total_steps")
-    if not _is_int(total):
+    if not is_json_int(total):
         return "settings.total_steps is not a whole number"
-    if not _is_int(step) or not 0 <= step <= total:
+    if not is_json_int(step) or not 0 <= step <= total:
         return f"step {step!r} is not a whole number of steps between 0 and the run's {total}"
     losses, evals = state.get("losses", []), state.get("eval_losses", [])
-    if not isinstance(losses, list) or not all(_is_number(x) for x in losses):
+    if not isinstance(losses, list) or not all(is_json_number(x) for x in losses):
         return "losses is not a list of numbers"
-    if not isinstance(evals, list) or not all(isinstance(e, list) and len(e) == 2 and _is_int(e[0]) and _is_number(e[1]) for e in evals):
+    if not isinstance(evals, list) or not all(isinstance(e, list) and len(e) == 2 and is_json_int(e[0]) and is_json_number(e[1]) for e in evals):
         return "eval_losses is not a list of [step, loss] pairs"
     opt = state.get("optimizer")
     if not isinstance(opt, dict) or not isinstance(opt.get("param_groups"), list) or not isinstance(opt.get("scalars", {}), dict):
         return "optimizer is not an object with param_groups (a list) and scalars (an object)"
     for group in opt["param_groups"]:
-        if not isinstance(group, dict) or not isinstance(group.get("params"), list) or not all(_is_int(i) and i >= 0 for i in group["params"]):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list) or not all(is_json_int(i) and i >= 0 for i in group["params"]):
             return "a parameter group without a list of parameter indices"
-        if not all(_is_number(group.get(k, 0.0)) for k in ("lr", "weight_decay", "eps")):
+        if not all(is_json_number(group.get(k, 0.0)) for k in ("lr", "weight_decay", "eps")):
             return "a parameter group whose lr, weight_decay or eps is not a number"
         betas = group.get("betas", [0.0, 0.0])
-        if not isinstance(betas, list) or len(betas) != 2 or not all(_is_number(b) for b in betas):
+        if not isinstance(betas, list) or len(betas) != 2 or not all(is_json_number(b) for b in betas):
             return "a parameter group whose betas are not two numbers"
     if not all(_STATE_KEY.match(k) for k in opt.get("scalars", {})):
         return "optimizer scalars keyed other than <parameter index>.<name>"
