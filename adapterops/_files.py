@@ -11,10 +11,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import struct
 import sys
-import threading
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
@@ -25,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as _safetensors_bytes
 
-from ._launch import STOPS
+from . import _signals
 from ._safetensors import read_header, read_tensor
 from ._progress import format_bytes
 from .errors import FormatError, NoSpaceError, OutputExistsError
@@ -74,7 +72,7 @@ def atomic_output(
             _blame_changed_inputs(watched, exc)  # a file rewritten under the reader fails in odd ways: say why
             raise
         watched.verify()
-        with _signals_held():
+        with _signals.held():
             _commit(tmp, path, force=force)
             _COMMITTED.add(os.path.abspath(path))
     finally:
@@ -196,26 +194,6 @@ def _appeared(path: Path) -> OutputExistsError:
         f"{path} appeared while this run was writing it (another process?); it was left as it is and nothing was written: "
         "pass --force to replace it, or choose another output path"
     )
-
-
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold back Ctrl-C, SIGTERM and SIGHUP for the duration (main thread only), then deliver them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in STOPS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(caught):
-            if callable(previous[sig]):
-                previous[sig](sig, None)
-            elif previous[sig] == signal.SIG_DFL:
-                os.kill(os.getpid(), sig)
 
 
 def _sibling(path: Path, kind: str) -> Path:

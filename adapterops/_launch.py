@@ -15,27 +15,10 @@ import os
 import signal
 import sys
 
-from . import _prefetch
+from . import _prefetch, _signals
+from ._signals import STOPS
 
-__all__ = ["STOPS", "Stopped", "main"]
-
-
-# The signals that stop a command cleanly, and the word for each (SIGHUP is POSIX only).
-STOPS = {getattr(signal, name): words for name, words in (("SIGINT", "interrupted"), ("SIGTERM", "terminated"), ("SIGHUP", "hung up"))
-         if hasattr(signal, name)}
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where Python raises KeyboardInterrupt for SIGINT, so that the same
-    clean-up runs; ``signum`` says which."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_stopped(signum: int, frame: object) -> None:
-    raise Stopped(signum)
+__all__ = ["main"]
 
 
 def main() -> None:
@@ -51,7 +34,7 @@ def main() -> None:
         caught.append(signal.SIGINT)
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler if sig == signal.SIGINT else _raise_stopped)
+            signal.signal(sig, handler if sig == signal.SIGINT else _signals.raise_stopped)
     if caught:
         sys.stderr.write(f"Error: {STOPS[caught[0]]}\n")
         raise SystemExit(128 + caught[0])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ from typing import Any
 import click
 
 from .._files import committed
-from .._launch import STOPS
+from .._signals import STOPS, signum_of
 from ..errors import AdapterOpsError, OutputExistsError
 from ..safety import Inputs, check_output
 
@@ -41,7 +40,7 @@ class Group(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt as exc:
-            raise _Interrupted(exc) from None  # past click, which would print a blank line and "Aborted!"
+            raise _Interrupted(signum_of(exc)) from None  # past click, which would print a blank line and "Aborted!"
         except BrokenPipeError:
             raise  # the reader of stdout went away (``| head``): click exits 1 quietly, as pipes expect
         except Exception as exc:
@@ -53,7 +52,7 @@ class Group(click.Group):
         try:
             return super().make_context(*args, **kwargs)
         except KeyboardInterrupt as exc:  # while parsing: past click, which would print a blank line first
-            raise _Interrupted(exc) from None
+            raise _Interrupted(signum_of(exc)) from None
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
@@ -64,7 +63,7 @@ class Group(click.Group):
         except (_Interrupted, KeyboardInterrupt, click.Abort) as exc:
             if any(committed(p) for p in _OUTPUTS):
                 sys.exit(0)  # the output is complete: the signal came after it was published
-            signum = getattr(exc.cause if isinstance(exc, _Interrupted) else exc, "signum", signal.SIGINT)
+            signum = exc.signum if isinstance(exc, _Interrupted) else signum_of(exc)
             click.echo(f"Error: {STOPS[signum]}", err=True)
             sys.exit(128 + signum)
         except click.UsageError as exc:
@@ -84,11 +83,11 @@ class Group(click.Group):
 
 
 class _Interrupted(Exception):
-    """Ctrl-C (or SIGTERM, SIGHUP: ``_launch.Stopped``), carried past click's own handling to ``Group.main``."""
+    """Ctrl-C (or SIGTERM, SIGHUP: ``_signals.Stopped``), carried past click's own handling to ``Group.main``."""
 
-    def __init__(self, cause: BaseException | None = None) -> None:
+    def __init__(self, signum: int) -> None:
         super().__init__()
-        self.cause = cause
+        self.signum = signum
 
 
 _OUTPUTS: list[str] = []  # the output paths of the running command (see ``remember_output``)
