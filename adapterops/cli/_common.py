@@ -71,10 +71,7 @@ class Group(click.Group):
                 exc.show()  # no arguments at all: the help, as click prints it
                 sys.exit(exc.exit_code)
             where = exc.ctx.command_path if exc.ctx is not None else "adapterops"
-            message = " ".join(exc.format_message().split())
-            if isinstance(exc, click.NoSuchOption) and where.endswith(" eval") and not exc.option_name.startswith("--"):
-                message += f" An expression that begins with '-' goes after '--', the options before it: {where} -o OUT -- EXPRESSION NAME=PATH..."
-            click.echo(f"Error: {message} (see '{where} -h')", err=True)
+            click.echo(f"Error: {' '.join(exc.format_message().split())} (see '{where} -h')", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             click.echo(f"Error: {exc.format_message()}", err=True)  # not exc.show(): with stderr closed it writes to stdout

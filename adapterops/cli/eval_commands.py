@@ -42,7 +42,21 @@ def _bindings(items: tuple[str, ...]) -> dict[str, str]:
     return paths
 
 
-@main.command(name="eval")
+class _EvalCommand(click.Command):
+    """An expression that begins with '-' reads as an option: the error says where it goes instead
+    (a misspelt ``--long`` option is left to click's own suggestions)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            if not exc.option_name.startswith("--"):
+                exc.message += (f" An expression that begins with '-' goes after '--', the options before it: "
+                                f"{ctx.command_path} -o OUT -- EXPRESSION NAME=PATH...")
+            raise
+
+
+@main.command(name="eval", cls=_EvalCommand)
 @click.argument("expression")
 @click.argument("bindings", nargs=-1, metavar="NAME=PATH...")
 @rank_rule_options(required=False)
