@@ -49,7 +49,7 @@ from . import _intruders
 from ._files import atomic_output
 from ._safetensors import TORCH_DTYPES, TensorEntry, read_exact, read_header
 from .checkpoint import NF4_STATE_SUFFIX, Checkpoint, Target, match_layers
-from .errors import AdapterOpsError, FormatError, NonFiniteError
+from .errors import FormatError, NonFiniteError
 
 __all__ = ["CACHE_ENV", "CACHE_MAX_ENV", "default_cache_dir", "SvdCache", "BaseWeights", "BaseChunk", "base_svd_chunks"]
 
@@ -238,7 +238,7 @@ class SvdCache:
         try:
             with atomic_output(path, force=True) as tmp:
                 write(tmp)
-        except (OSError, AdapterOpsError) as exc:  # AdapterOpsError: check_output found the directory unwritable
+        except OSError as exc:  # NotWritableError too: check_output found the directory unwritable
             self._write_failed = True
             warnings.warn(f"cannot write the SVD cache under {self.directory} ({exc}); continuing without it", stacklevel=3)
 

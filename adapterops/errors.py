@@ -12,6 +12,7 @@ __all__ = [
     "OutputOverlapError",
     "InputChangedError",
     "NoSpaceError",
+    "NotWritableError",
     "UnsupportedOperationError",
     "BaseMismatchError",
 ]
@@ -47,6 +48,10 @@ class InputChangedError(AdapterOpsError):
 
 class NoSpaceError(AdapterOpsError, OSError):
     """The device holding the output ran out of space (also an ``OSError``, as the failure it reports)."""
+
+
+class NotWritableError(AdapterOpsError, OSError):
+    """The directory that would hold the output cannot be written (also an ``OSError``, as the failure it reports)."""
 
 
 class UnsupportedOperationError(AdapterOpsError):

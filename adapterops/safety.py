@@ -22,6 +22,7 @@ read], force=force)`` first and write through ``atomic_output(out, force=force, 
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterable, Mapping
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdapterOpsError, InputChangedError, NonFiniteError, OutputExistsError, OutputOverlapError
+from .errors import InputChangedError, NonFiniteError, NotWritableError, OutputExistsError, OutputOverlapError
 
 __all__ = ["check_output", "check_writable", "Inputs", "FiniteCheck", "check_finite"]
 
@@ -112,8 +113,11 @@ def check_writable(out: PathLike, *, inside: bool = False) -> None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-        reason = "a read-only file system" if _read_only(folder) else "no permission to write there"
-        raise AdapterOpsError(f"{out}: cannot write into {folder} ({reason}); choose another output path")
+        read_only = _read_only(folder)
+        error = NotWritableError(f"{out}: cannot write into {folder} "
+                                 f"({'a read-only file system' if read_only else 'no permission to write there'}); choose another output path")
+        error.errno = errno.EROFS if read_only else errno.EACCES
+        raise error
 
 
 def _read_only(folder: Path) -> bool:
