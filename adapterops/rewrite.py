@@ -55,11 +55,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise AdapterOpsError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
         raise AdapterOpsError(f"device {device} is not one adapterops computes on; use cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AdapterOpsError(f"device {device} was asked for, but torch sees no CUDA GPU here; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AdapterOpsError(f"device {device} was asked for, but torch sees no CUDA GPU here; use --device cpu")
         count = torch.cuda.device_count()
-        raise AdapterOpsError(f"device {device} was asked for, but torch sees {count} CUDA GPU(s) here (cuda:0 to cuda:{count - 1})")
+        if dev.index is not None and dev.index >= count:
+            raise AdapterOpsError(f"device {device} was asked for, but torch sees {count} CUDA GPU(s) here (cuda:0 to cuda:{count - 1})")
     return dev
 
 
