@@ -154,9 +154,13 @@ _PARSED: dict[tuple[Path, int, bytes], Header] = {}  # headers are never changed
 NOT_TEXT = "escapes an unpaired UTF-16 surrogate (\\uD800-\\uDFFF), which is not text"
 
 
-def is_text(value: Any) -> bool:
-    """Whether the strings of a parsed JSON ``value`` are Unicode text: ``json.loads`` turns an
-    escaped lone surrogate (``"\\ud800"``) into a str that no UTF-8 file or terminal can hold."""
+def is_text(value: Any, source: str) -> bool:
+    """Whether the strings of ``value``, parsed from the JSON text ``source``, are Unicode text:
+    ``json.loads`` turns an escaped lone surrogate (``"\\ud800"``) into a str that no UTF-8 file or
+    terminal can hold. Only such an escape can bring one in, so a ``source`` without one is text
+    (the walk over ``value`` is skipped)."""
+    if not _SURROGATE_ESCAPE.search(source):
+        return True
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -164,7 +168,7 @@ def is_text(value: Any) -> bool:
     return True
 
 
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a lone surrogate can enter a header: as an escape
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _parse(file: Path, text: bytes, size: int) -> Header:
@@ -182,7 +186,7 @@ def _parse(file: Path, text: bytes, size: int) -> Header:
         raise _Bad("the header nests too deeply") from None
     if not isinstance(header, dict):
         raise _Bad("the header is not a JSON object")
-    if _SURROGATE_ESCAPE.search(decoded) and not is_text(header):  # as the safetensors library, refuse what no UTF-8 file can hold
+    if not is_text(header, decoded):  # as the safetensors library, refuse what no UTF-8 file can hold
         raise _Bad(f"the header {NOT_TEXT}")
     metadata = header.pop("__metadata__", None)
     if metadata is None:

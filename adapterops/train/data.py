@@ -70,7 +70,7 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
         except (ValueError, RecursionError):  # numbers of too many digits, nesting too deep
             problems.append(f"{path}:{number}: not usable JSON (too deeply nested, or a number too long)")
             continue
-        problem = _check_row(row) or (None if is_text(row) else NOT_TEXT)
+        problem = _check_row(row) or (None if is_text(row, line) else NOT_TEXT)
         if problem:
             problems.append(f"{path}:{number}: {problem}")
         else:
